@@ -1,0 +1,33 @@
+"""Shared test helpers: bit-exact comparison and the golden data location."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+DATA = Path(__file__).parent / "data"
+
+
+def bitwise_mismatches(actual: torch.Tensor, expected: torch.Tensor) -> int:
+    """Count elements that differ bit for bit, treating every NaN as equal and -0 != +0."""
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    assert actual.dtype == expected.dtype, (actual.dtype, expected.dtype)
+    a, e = actual.float(), expected.float()
+    same = (torch.isnan(a) & torch.isnan(e)) | ((a == e) & (torch.signbit(a) == torch.signbit(e)))
+    return int((~same).sum())
+
+
+def assert_bitwise_equal(actual: torch.Tensor, expected: torch.Tensor) -> None:
+    bad = bitwise_mismatches(actual, expected)
+    assert bad == 0, f"{bad} of {expected.numel()} elements differ"
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (run on the device machine)")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
