@@ -66,10 +66,16 @@ def round_int(t: Tensor, mode: str) -> Tensor:
 
 def grid(v: Tensor, man_bits: int, emin: int, mode: str) -> Tensor:
     """Round ``v >= 0`` to a float with ``man_bits`` fraction bits and minimum exponent ``emin``
-    (subnormals included): p = max(E(v), emin), result = round(v * 2^(M-p)) * 2^(p-M)."""
-    p = torch.clamp(exponent(v), min=emin)
-    p = torch.where(v > 0, p, torch.full_like(p, emin))
-    return ldexp(round_int(ldexp(v, man_bits - p), mode), p - man_bits)
+    (subnormals included): p = max(E(v), emin), result = round(v * 2^(M-p)) * 2^(p-M).
+
+    ``2^p`` is read straight from the exponent field of ``v`` (masking the mantissa), floored at ``2^emin``;
+    dividing by the quantum ``2^(p-M)`` and multiplying back are exact.
+    """
+    if not -126 <= emin <= 127 or not 0 <= man_bits <= 23:
+        raise ValueError(f"grid needs emin in -126..127 and man_bits in 0..23, got {emin}, {man_bits}")
+    binade = torch.clamp(v.view(torch.int32) & 0x7F800000, min=(emin + 127) << 23).view(torch.float32)
+    quantum = binade * 2.0**-man_bits  # 2^(p-M) >= 2^-149, exact
+    return round_int(v / quantum, mode) * quantum
 
 
 def to_blocks(x: Tensor, dim: int, block: int) -> tuple[Tensor, Callable[[Tensor], Tensor]]:

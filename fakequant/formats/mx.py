@@ -92,10 +92,10 @@ def quantize_elements(y: Tensor, fmt: ElementFormat, round_mode: str) -> Tensor:
     return torch.clamp(q, max=fmt.max_value)
 
 
-def _scale_back(q: Tensor, s: Tensor) -> Tensor:
-    """``q * 2^s``; a finite result beyond float32 saturates to FLT_MAX (formats.md §0, Output)."""
-    out = ldexp(q, s)
-    return torch.where(torch.isinf(out), torch.full_like(out, FLT_MAX), out)
+def _scale_back(q: Tensor, scale: Tensor) -> Tensor:
+    """``q * scale`` for ``q >= 0``; a finite result beyond float32 saturates to FLT_MAX (formats.md §0,
+    Output). A NaN scale (a NaN block) stays NaN through the clamp."""
+    return torch.clamp(q * scale, max=FLT_MAX)
 
 
 def mx_blocks(
@@ -122,14 +122,15 @@ def mx_blocks(
     s = torch.where(positive, s, torch.full_like(s, -126 - fmt.emax))
     nan_block = nonfinite | (s > k_max)
     s = torch.clamp(s, -k_max, k_max)
-    a = blocks * pow2(-s)  # x / 2^s, one correctly rounded float32 product
-    q = quantize_elements(a.abs(), fmt, round_mode)
-    out = _scale_back(q, s)
+    # Per-block factors (cheap): the scale carries the block's NaN so no full-size mask pass is needed.
+    scale = torch.where(nan_block, torch.full_like(amax, float("nan")), pow2(s))
+    y = blocks.abs() * pow2(-s)  # |x| / 2^s, one correctly rounded float32 product
+    out = _scale_back(quantize_elements(y, fmt, round_mode), scale)
     out = torch.where(blocks < 0, -out, out)
     if flush_subnormal_blocks:
         flushed = positive & (exponent(safe_amax) <= -127)
-        out = torch.where(flushed, torch.zeros_like(out), out)
-    return torch.where(nan_block, torch.full_like(out, float("nan")), out)
+        out = out.masked_fill(flushed, 0.0)
+    return out
 
 
 def quant_dequant_mx(x: Tensor, q: QType) -> Tensor:
@@ -168,8 +169,9 @@ def quant_dequant_mx_hier(x: Tensor, q: QType) -> Tensor:
     g = torch.maximum(g, outer - (2**q.k_bits - 1)).clamp(lo, hi)
     # Step 4: elements; below -254 every product is 0 or saturated alike, so clamp for fp32 arithmetic.
     s = (g + shift).clamp(min=-254)
-    q_mag = quantize_elements(ldexp(groups.abs(), -s), fmt, q.round_mode)
-    out = _scale_back(q_mag, s)
+    scale = torch.where(nonfinite, torch.full_like(amax, float("nan")), ldexp(torch.ones_like(amax), s))
+    # A group clamped at hi can overflow |x| / 2^g; it saturates, so cap it at FLT_MAX first.
+    q_mag = quantize_elements(ldexp(groups.abs(), -s).clamp(max=FLT_MAX), fmt, q.round_mode)
+    out = _scale_back(q_mag, scale)
     out = torch.where(groups < 0, -out, out)
-    out = torch.where(nonfinite, torch.full_like(out, float("nan")), out)
     return restore(out.flatten(-2))
