@@ -1,0 +1,486 @@
+"""Straight-through-estimator autograd functions: every GEMM on fake-quantized operands.
+
+Each function quantizes the operands of each of its GEMMs (fprop, dgrad, wgrad) with the formats a
+``FakeQuantConfig`` names, runs the GEMM in high precision with the same torch op plain torch uses, and
+passes gradients straight through the rounding. With ``fidelity="faithful"`` (the default) every operand is
+quantized for every GEMM **from its high-precision value**, along that GEMM's reduction dimension
+(DESIGN.md, GEMM table); ``fidelity="reference"`` quantizes each tensor along its last dimension.
+
+Rules every function here follows:
+
+* forward saves only the high-precision inputs (what plain torch saves), never quantized copies; backward
+  re-quantizes;
+* the output dtype is the one torch would return: the inputs' dtype, or under ``torch.autocast`` (CPU or
+  CUDA) the autocast dtype: inputs are cast first, exactly as autocast would, then quantized;
+* a role whose format is ``None`` (or a cast that is exact for the tensor's dtype, such as ``fp32``) is not
+  touched, so an all-``None`` config gives bit-for-bit the forward and backward of plain torch.
+
+Every quantization goes through ``fakequant.dispatch.quant_dequant`` so that Triton/NPU kernels plug in.
+
+Public: ``quant_linear``, ``quant_matmul``, ``quant_bmm``, ``quant_baddbmm``, ``quant_attention``,
+``quant_ste``, ``GemmPlan``, ``gemm_plan``, ``AttentionPlan``, ``attention_plan``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .config import FakeQuantConfig
+from .dispatch import quant_dequant
+from .qtype import QType
+
+__all__ = [
+    "quant_linear", "quant_matmul", "quant_bmm", "quant_baddbmm", "quant_attention", "quant_ste",
+    "GemmPlan", "gemm_plan", "AttentionPlan", "attention_plan",
+]
+
+# The plain ops, looked up once: ``patch_functional`` replaces the torch attributes while it is active,
+# and the functions below must keep calling the originals.
+_matmul = torch.matmul
+_bmm = torch.bmm
+_baddbmm = torch.baddbmm
+_linear = F.linear
+_sdpa = F.scaled_dot_product_attention
+
+# A cast round trip that is exact for these input dtypes is skipped (no copy, bitwise plain torch).
+_EXACT_CASTS = {
+    "fp32": (torch.float32, torch.bfloat16, torch.float16),
+    "bf16": (torch.bfloat16,),
+    "fp16": (torch.float16,),
+}
+
+
+class GemmPlan(NamedTuple):
+    """The QType (axis set) of each operand of each GEMM of ``C = A·B``; ``None`` = high precision.
+
+    A: [..., M, K] (role ``input``), B: [..., K, N] (role ``weight``), dC: [..., M, N] (``grad_output``).
+    For a linear layer A = X and B = Wᵀ with W stored as [N, K], so B's axes are given on W.
+    """
+
+    a_fprop: QType | None
+    b_fprop: QType | None
+    g_dgrad: QType | None
+    b_dgrad: QType | None
+    g_wgrad: QType | None
+    a_wgrad: QType | None
+
+
+_PLAN_ROLES = GemmPlan(
+    ("fprop", "input"), ("fprop", "weight"), ("dgrad", "grad_output"), ("dgrad", "weight"),
+    ("wgrad", "grad_output"), ("wgrad", "input"),
+)
+# Reduction axis of each operand per GEMM (DESIGN.md): fprop reduces K, dgrad N, wgrad M.
+_PLAN_AXES = {
+    # A [.., M, K]: K = -1, M = -2.  B [.., K, N]: K = -2, N = -1.  dC [.., M, N]: N = -1, M = -2.
+    ("matmul", "faithful"): GemmPlan(-1, -2, -1, -1, -2, -2),
+    # W [N, K]: K = -1, N = -2.  X and dY are folded to [M, K] and [M, N].
+    ("linear", "faithful"): GemmPlan(-1, -1, -1, -2, -2, -2),
+    # Every tensor along its own last dimension, whatever the GEMM (the earlier library's behaviour).
+    ("matmul", "reference"): GemmPlan(-1, -1, -1, -1, -1, -1),
+    ("linear", "reference"): GemmPlan(-1, -1, -1, -1, -1, -1),
+}
+
+
+def _axis(q: QType | None, axis: int) -> QType | None:
+    return None if q is None else q.dim(axis)
+
+
+@functools.lru_cache(maxsize=256)
+def gemm_plan(config: FakeQuantConfig, kind: str = "linear") -> GemmPlan:
+    """The per-GEMM operand formats of ``config`` for a ``"linear"`` layer or a ``"matmul"``."""
+    axes = _PLAN_AXES[(kind, config.fidelity)]
+    return GemmPlan(*(_axis(config.format_for(g, r), ax) for (g, r), ax in zip(_PLAN_ROLES, axes)))
+
+
+class AttentionPlan(NamedTuple):
+    """Formats for ``quant_attention``.
+
+    SDPA path (``attn_probs`` unset): q, k, v quantized once for the forward GEMMs (q, k along the head dim,
+    v along the key axis, the reduction of P·V), dO along the head dim; the SDPA kernel reuses them in
+    backward. Explicit path (``attn_probs`` set): ``scores`` is S = Q·Kᵀ and ``context`` is O = P·V, each a
+    full per-GEMM plan (dS, the gradient of the scores, stays in high precision).
+    """
+
+    query: QType | None
+    key: QType | None
+    value: QType | None
+    grad_attn_output: QType | None
+    scores: GemmPlan | None
+    context: GemmPlan | None
+
+
+@functools.lru_cache(maxsize=256)
+def attention_plan(config: FakeQuantConfig) -> AttentionPlan:
+    q, k, v, p, do = config.query, config.key, config.value, config.attn_probs, config.grad_attn_output
+    if config.fidelity == "reference":
+        # Each tensor along its own last dim: k's last dim is the second-to-last of Kᵀ.
+        scores = GemmPlan(_axis(q, -1), _axis(k, -2), None, _axis(k, -2), None, _axis(q, -1))
+        context = GemmPlan(_axis(p, -1), _axis(v, -1), _axis(do, -1), _axis(v, -1), _axis(do, -1), _axis(p, -1))
+        sdpa = (_axis(q, -1), _axis(k, -1), _axis(v, -1), _axis(do, -1))
+    else:
+        # S = Q·Kᵀ, Q: [.., L, E], Kᵀ: [.., E, S]: fprop reduces E, dgrad (dQ = dS·K) S, wgrad (dKᵀ = Qᵀ·dS) L.
+        scores = GemmPlan(_axis(q, -1), _axis(k, -2), None, _axis(k, -1), None, _axis(q, -2))
+        # O = P·V, P: [.., L, S], V: [.., S, Ev]: fprop reduces S, dgrad (dP = dO·Vᵀ) Ev, wgrad (dV = Pᵀ·dO) L.
+        context = GemmPlan(_axis(p, -1), _axis(v, -2), _axis(do, -1), _axis(v, -1), _axis(do, -2), _axis(p, -2))
+        sdpa = (_axis(q, -1), _axis(k, -1), _axis(v, -2), _axis(do, -1))
+    if p is None:
+        return AttentionPlan(*sdpa, None, None)
+    return AttentionPlan(None, None, None, None, scores, context)
+
+
+# ------------------------------------------------------------------------------------------- helpers
+def _q(x: Tensor, q: QType | None) -> Tensor:
+    """Fake-quantize ``x`` with ``q`` (axis already set); ``None`` and exact casts return ``x`` itself."""
+    if q is None or (q.family == "cast" and x.dtype in _EXACT_CASTS.get(q.name, ())):
+        return x
+    y = quant_dequant(x, q)
+    # Keep a contiguous input's layout: GEMM and SDPA kernels choose their path by stride, and a strided
+    # view into a padded buffer would also keep the padding alive.
+    return y.contiguous() if x.is_contiguous() else y
+
+
+def _autocast_cast(*tensors: Tensor | None) -> tuple[tuple[Tensor | None, ...], str | None]:
+    """Cast the floating inputs the way ``torch.autocast`` casts the inputs of a matmul-like op.
+
+    Returns the tensors and the device type whose autocast must be disabled around the function (so
+    that nothing inside is cast again), or ``None`` when autocast is off. fp64 tensors are left alone, as
+    autocast leaves them.
+    """
+    first = next(t for t in tensors if t is not None)
+    device_type = first.device.type
+    if not torch.is_autocast_enabled(device_type):
+        return tensors, None
+    dtype = torch.get_autocast_dtype(device_type)
+    cast: list[Tensor | None] = []
+    for t in tensors:
+        if t is None or not t.is_floating_point() or t.dtype in (dtype, torch.float64):
+            cast.append(t)
+            continue
+        # autocast casts a leaf that requires grad once and reuses the copy (its weight cache): q, q, q in
+        # self-attention then share one copy, and their gradients add up in the autocast dtype, as in torch.
+        same = [c for c, orig in zip(cast, tensors) if orig is t and t.is_leaf and t.requires_grad]
+        cast.append(same[0] if same else t.to(dtype))
+    return tuple(cast), device_type
+
+
+def _no_autocast(device_type: str | None):
+    if device_type is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device_type, enabled=False)
+
+
+def _check_config(config: object, where: str) -> FakeQuantConfig:
+    if not isinstance(config, FakeQuantConfig):
+        raise TypeError(f"{where}: config must be a FakeQuantConfig, got {type(config).__name__}")
+    return config
+
+
+def _check_tensor(x: object, name: str, where: str, min_dim: int = 1) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{where}: {name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{where}: {name} must be a floating tensor, got {x.dtype}")
+    if x.dim() < min_dim:
+        raise ValueError(f"{where}: {name} must have at least {min_dim} dims, got shape {tuple(x.shape)}")
+
+
+# --------------------------------------------------------------------------------------------- linear
+class _QuantLinear(torch.autograd.Function):
+    # Y = X·Wᵀ + b with X: [M, K] (leading dims folded into M), W: [N, K], Y: [M, N]
+    #   fprop: Y  = Q(X along K) · Q(W along K)ᵀ + b
+    #   dgrad: dX = Q(dY along N) · Q(W along N)
+    #   wgrad: dW = Q(dY along M)ᵀ · Q(X along M)
+    #          db = Σ_M dY        (a reduction, not a GEMM: high precision)
+    # The ops mirror plain torch's (F.linear forward; mm for dgrad/wgrad as addmm/mm backward does).
+
+    @staticmethod
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, plan: GemmPlan) -> Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.plan = plan
+        ctx.bias_shape = None if bias is None else bias.shape
+        return _linear(_q(x, plan.a_fprop), _q(weight, plan.b_fprop), bias)
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        x, weight = ctx.saved_tensors
+        plan = ctx.plan
+        dy2 = dy.reshape(-1, dy.shape[-1])  # [M, N]
+        dx = dw = db = None
+        if ctx.needs_input_grad[0]:
+            dx = _q(dy2, plan.g_dgrad).mm(_q(weight, plan.b_dgrad)).view(x.shape)  # [M, K] -> x's shape
+        if ctx.needs_input_grad[1]:
+            x2 = x.reshape(-1, x.shape[-1])  # [M, K]
+            dw = _q(dy2, plan.g_wgrad).t().mm(_q(x2, plan.a_wgrad))  # [N, K]
+        if ctx.bias_shape is not None and ctx.needs_input_grad[2]:
+            db = dy2.sum_to_size(ctx.bias_shape)
+        return dx, dw, db, None  # None: plan
+
+
+def quant_linear(x: Tensor, weight: Tensor, bias: Tensor | None, config: FakeQuantConfig) -> Tensor:
+    """``F.linear(x, weight, bias)`` with fprop, dgrad and wgrad on fake-quantized operands."""
+    _check_config(config, "quant_linear")
+    return _apply_linear(x, weight, bias, gemm_plan(config, "linear"))
+
+
+def _apply_linear(x: Tensor, weight: Tensor, bias: Tensor | None, plan: GemmPlan) -> Tensor:
+    _check_tensor(x, "x", "quant_linear")
+    _check_tensor(weight, "weight", "quant_linear", 2)
+    if weight.dim() != 2 or x.shape[-1] != weight.shape[-1]:
+        raise ValueError(
+            f"quant_linear: x {tuple(x.shape)} and weight {tuple(weight.shape)} do not match "
+            f"(weight must be [out_features, in_features] with in_features = x.shape[-1])"
+        )
+    (x, weight, bias), device_type = _autocast_cast(x, weight, bias)
+    with _no_autocast(device_type):
+        return _QuantLinear.apply(x, weight, bias, plan)
+
+
+# --------------------------------------------------------------------------------------------- matmul
+class _QuantMatmul(torch.autograd.Function):
+    # C = A·B with A: [..., M, K], B: [..., K, N], C: [..., M, N], batch dims broadcast as torch.matmul
+    #   fprop: C  = Q(A along K) · Q(B along K)
+    #   dgrad: dA = Q(dC along N) · Q(B along N)ᵀ      (summed over the dims A was broadcast along)
+    #   wgrad: dB = Q(A along M)ᵀ · Q(dC along M)      (summed over the dims B was broadcast along)
+    # When B is 2-D, torch.matmul folds A's leading dims into M, so do the GEMMs here (one mm each, as
+    # plain torch's backward does) and wgrad's blocks run along the folded rows, as for a linear layer.
+
+    @staticmethod
+    def forward(ctx, a: Tensor, b: Tensor, plan: GemmPlan) -> Tensor:
+        ctx.save_for_backward(a, b)
+        ctx.plan = plan
+        return _matmul(_q(a, plan.a_fprop), _q(b, plan.b_fprop))
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        a, b = ctx.saved_tensors
+        plan = ctx.plan
+        da = db = None
+        if b.dim() == 2:
+            g2 = g.reshape(-1, g.shape[-1])  # [M, N]
+            if ctx.needs_input_grad[0]:
+                da = _q(g2, plan.g_dgrad).mm(_q(b, plan.b_dgrad).t()).view(a.shape)
+            if ctx.needs_input_grad[1]:
+                a2 = a.reshape(-1, a.shape[-1])  # [M, K]
+                db = _q(a2, plan.a_wgrad).t().mm(_q(g2, plan.g_wgrad))
+        else:
+            if ctx.needs_input_grad[0]:
+                da = _matmul(_q(g, plan.g_dgrad), _q(b, plan.b_dgrad).mT).sum_to_size(a.shape)
+            if ctx.needs_input_grad[1]:
+                db = _matmul(_q(a, plan.a_wgrad).mT, _q(g, plan.g_wgrad)).sum_to_size(b.shape)
+        return da, db, None  # None: plan
+
+
+def quant_matmul(a: Tensor, b: Tensor, config: FakeQuantConfig) -> Tensor:
+    """``torch.matmul(a, b)`` on fake-quantized operands: ``a`` plays ``input`` (reduced along its last
+    dim), ``b`` plays ``weight`` (reduced along its second-to-last dim), the gradient ``grad_output``."""
+    _check_config(config, "quant_matmul")
+    return _apply_matmul(a, b, gemm_plan(config, "matmul"))
+
+
+def _apply_matmul(a: Tensor, b: Tensor, plan: GemmPlan) -> Tensor:
+    _check_tensor(a, "a", "quant_matmul")
+    _check_tensor(b, "b", "quant_matmul")
+    if a.dim() == 1:  # a vector is one row: [K] -> [1, K]
+        return _apply_matmul(a.unsqueeze(0), b, plan).squeeze(-2)
+    if b.dim() == 1:  # a vector is one column: [K] -> [K, 1]
+        return _apply_matmul(a, b.unsqueeze(-1), plan).squeeze(-1)
+    if a.shape[-1] != b.shape[-2]:
+        raise ValueError(f"quant_matmul: a {tuple(a.shape)} and b {tuple(b.shape)} cannot be multiplied")
+    (a, b), device_type = _autocast_cast(a, b)
+    with _no_autocast(device_type):
+        return _QuantMatmul.apply(a, b, plan)
+
+
+# ------------------------------------------------------------------------------------- bmm / baddbmm
+class _QuantBmm(torch.autograd.Function):
+    # C = A·B per batch, A: [Bt, M, K], B: [Bt, K, N]
+    #   fprop: C  = Q(A along K) · Q(B along K)
+    #   dgrad: dA = Q(dC along N) · Q(B along N)ᵀ
+    #   wgrad: dB = Q(A along M)ᵀ · Q(dC along M)
+
+    @staticmethod
+    def forward(ctx, a: Tensor, b: Tensor, plan: GemmPlan) -> Tensor:
+        ctx.save_for_backward(a, b)
+        ctx.plan = plan
+        return _bmm(_q(a, plan.a_fprop), _q(b, plan.b_fprop))
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        a, b = ctx.saved_tensors
+        plan = ctx.plan
+        da = db = None
+        if ctx.needs_input_grad[0]:
+            da = _q(g, plan.g_dgrad).bmm(_q(b, plan.b_dgrad).transpose(1, 2))
+        if ctx.needs_input_grad[1]:
+            db = _q(a, plan.a_wgrad).transpose(1, 2).bmm(_q(g, plan.g_wgrad))
+        return da, db, None  # None: plan
+
+
+class _QuantBaddbmm(torch.autograd.Function):
+    # out = beta·input + alpha·(A·B) per batch, A: [Bt, M, K], B: [Bt, K, N], input broadcast to [Bt, M, N]
+    #   fprop: out    = beta·input + alpha · Q(A along K) · Q(B along K)
+    #   dgrad: dA     = alpha · Q(dout along N) · Q(B along N)ᵀ
+    #   wgrad: dB     = alpha · Q(A along M)ᵀ · Q(dout along M)
+    #          dinput = beta · dout      (no GEMM: high precision)
+    # Scaling by alpha/beta only when they differ from 1, as plain torch's backward does.
+
+    @staticmethod
+    def forward(ctx, inp: Tensor, a: Tensor, b: Tensor, beta: float, alpha: float, plan: GemmPlan) -> Tensor:
+        ctx.save_for_backward(a, b)
+        ctx.plan, ctx.beta, ctx.alpha, ctx.inp_shape = plan, beta, alpha, inp.shape
+        return _baddbmm(inp, _q(a, plan.a_fprop), _q(b, plan.b_fprop), beta=beta, alpha=alpha)
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        a, b = ctx.saved_tensors
+        plan, beta, alpha = ctx.plan, ctx.beta, ctx.alpha
+        dinp = da = db = None
+        if ctx.needs_input_grad[0]:
+            dinp = _scaled(g, beta).sum_to_size(ctx.inp_shape)
+        if ctx.needs_input_grad[1]:
+            da = _scaled(_q(g, plan.g_dgrad).bmm(_q(b, plan.b_dgrad).transpose(1, 2)), alpha)
+        if ctx.needs_input_grad[2]:
+            db = _scaled(_q(a, plan.a_wgrad).transpose(1, 2).bmm(_q(g, plan.g_wgrad)), alpha)
+        return dinp, da, db, None, None, None  # None: beta, alpha, plan
+
+
+def _scaled(t: Tensor, s: float) -> Tensor:
+    return t if s == 1 else t * s
+
+
+def _check_batched(a: Tensor, b: Tensor, where: str) -> None:
+    _check_tensor(a, "batch1", where, 3)
+    _check_tensor(b, "batch2", where, 3)
+    if a.dim() != 3 or b.dim() != 3 or a.shape[0] != b.shape[0] or a.shape[2] != b.shape[1]:
+        raise ValueError(
+            f"{where}: batch1 {tuple(a.shape)} and batch2 {tuple(b.shape)} must be [B, M, K] and [B, K, N]"
+        )
+
+
+def quant_bmm(a: Tensor, b: Tensor, config: FakeQuantConfig) -> Tensor:
+    """``torch.bmm(a, b)`` on fake-quantized operands (``a`` = ``input`` role, ``b`` = ``weight`` role)."""
+    _check_config(config, "quant_bmm")
+    return _apply_bmm(a, b, gemm_plan(config, "matmul"))
+
+
+def _apply_bmm(a: Tensor, b: Tensor, plan: GemmPlan) -> Tensor:
+    _check_batched(a, b, "quant_bmm")
+    (a, b), device_type = _autocast_cast(a, b)
+    with _no_autocast(device_type):
+        return _QuantBmm.apply(a, b, plan)
+
+
+def quant_baddbmm(
+    input: Tensor, batch1: Tensor, batch2: Tensor, beta: float = 1.0, alpha: float = 1.0,
+    config: FakeQuantConfig | None = None,
+) -> Tensor:
+    """``torch.baddbmm(input, batch1, batch2, beta=beta, alpha=alpha)`` on fake-quantized ``batch1``
+    (``input`` role) and ``batch2`` (``weight`` role); ``input`` is added in high precision."""
+    _check_config(config, "quant_baddbmm")
+    return _apply_baddbmm(input, batch1, batch2, beta, alpha, gemm_plan(config, "matmul"))
+
+
+def _apply_baddbmm(inp: Tensor, a: Tensor, b: Tensor, beta: float, alpha: float, plan: GemmPlan) -> Tensor:
+    _check_batched(a, b, "quant_baddbmm")
+    if not isinstance(inp, Tensor):
+        raise TypeError(f"quant_baddbmm: input must be a torch.Tensor, got {type(inp).__name__}")
+    for name, s in (("beta", beta), ("alpha", alpha)):
+        if isinstance(s, bool) or not isinstance(s, (int, float)):
+            raise TypeError(f"quant_baddbmm: {name} must be a number, got {type(s).__name__} ({s!r})")
+    (inp, a, b), device_type = _autocast_cast(inp, a, b)
+    with _no_autocast(device_type):
+        return _QuantBaddbmm.apply(inp, a, b, beta, alpha, plan)
+
+
+# ------------------------------------------------------------------------------------------------ STE
+class _QuantSTE(torch.autograd.Function):
+    # y = Q_fwd(x); dx = Q_bwd(dy) (or dy unchanged): the straight-through estimator of one tensor.
+
+    @staticmethod
+    def forward(ctx, x: Tensor, fwd: QType | None, bwd: QType | None) -> Tensor:
+        ctx.bwd = bwd
+        y = _q(x, fwd)
+        return x.view_as(x) if y is x else y
+
+    @staticmethod
+    def backward(ctx, dy: Tensor):
+        return _q(dy, ctx.bwd), None, None  # None: fwd, bwd
+
+
+def quant_ste(x: Tensor, forward: QType | str | None, backward: QType | str | None = None) -> Tensor:
+    """Fake-quantize ``x`` with ``forward``; the gradient passes straight through, quantized with
+    ``backward`` when given. Each QType's own axis (``q.dim(d)``, default -1) is used."""
+    _check_tensor(x, "x", "quant_ste", 0)
+    fwd = _as_qtype(forward, "forward")
+    bwd = _as_qtype(backward, "backward")
+    if fwd is None and bwd is None:
+        return x
+    return _QuantSTE.apply(x, fwd, bwd)
+
+
+def _as_qtype(q: QType | str | None, name: str) -> QType | None:
+    if q is None or isinstance(q, QType):
+        return q
+    if isinstance(q, str):
+        return QType(q)
+    raise TypeError(f"{name} format must be a QType, a format string or None, got {type(q).__name__}")
+
+
+# ------------------------------------------------------------------------------------------ attention
+def quant_attention(
+    query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None, dropout_p: float = 0.0,
+    is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False, *,
+    config: FakeQuantConfig,
+) -> Tensor:
+    """``F.scaled_dot_product_attention`` on fake-quantized q, k, v (roles ``query``, ``key``, ``value``),
+    with the gradient of the output quantized in the ``grad_attn_output`` role.
+
+    With ``attn_probs`` set, attention is computed explicitly (S = Q·Kᵀ·scale, mask, softmax, dropout,
+    O = P·V) so that P and every operand of the four backward GEMMs are quantized per GEMM; this stores
+    P ([..., L, S]) for backward, like SDPA's math path.
+    """
+    _check_config(config, "quant_attention")
+    for name, t in (("query", query), ("key", key), ("value", value)):
+        _check_tensor(t, name, "quant_attention", 2)
+    plan = attention_plan(config)
+    (query, key, value, attn_mask), device_type = _autocast_cast(query, key, value, attn_mask)
+    with _no_autocast(device_type):
+        if plan.scores is None:
+            q = quant_ste(query, plan.query)
+            k = quant_ste(key, plan.key)
+            v = quant_ste(value, plan.value)
+            out = _sdpa(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
+                        enable_gqa=enable_gqa)
+            return quant_ste(out, None, plan.grad_attn_output)
+        return _explicit_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, plan)
+
+
+def _explicit_attention(
+    query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None, dropout_p: float, is_causal: bool,
+    scale: float | None, enable_gqa: bool, plan: AttentionPlan,
+) -> Tensor:
+    L, S = query.shape[-2], key.shape[-2]
+    scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
+    if enable_gqa:  # repeat each key/value head for its group of query heads: [.., Hkv, S, E] -> [.., H, S, E]
+        key = key.repeat_interleave(query.shape[-3] // key.shape[-3], dim=-3)
+        value = value.repeat_interleave(query.shape[-3] // value.shape[-3], dim=-3)
+    scores = _QuantMatmul.apply(query, key.mT, plan.scores) * scale  # [.., L, S]
+    if is_causal:
+        keep = torch.ones(L, S, dtype=torch.bool, device=query.device).tril()
+        scores = scores.masked_fill(~keep, float("-inf"))
+    if attn_mask is not None:
+        if attn_mask.dtype == torch.bool:
+            scores = scores.masked_fill(~attn_mask, float("-inf"))
+        else:
+            scores = scores + attn_mask
+    probs = torch.softmax(scores, dim=-1)
+    if dropout_p > 0.0:
+        probs = F.dropout(probs, p=dropout_p)
+    return _QuantMatmul.apply(probs, value, plan.context)  # [.., L, Ev]
