@@ -659,14 +659,16 @@ def format_table(table: GapTable, max_gap: float | None = None) -> str:
 
 def plot_runs(runs: Sequence[Run] | Mapping[str, Sequence[Run]], out: str | Path,
               baseline: str | None = None, *, title: str | None = None, ylabel: str = "loss",
-              zoom_frac: float | None = 0.2) -> Path:
-    """Write a PNG of loss vs step, one line per run, the baseline dashed and black.
+              zoom_frac: float | None = 0.2, window: tuple[int, int] | None = None) -> Path:
+    """Write a PNG of loss vs step, one line per run, the baseline black and dashed, axes labelled.
 
     ``runs``: a list of runs (one panel), or ``{panel title: runs}`` for several panels (e.g. train and
     validation loss), one per row, each run keeping its colour across panels. ``baseline``: a run name
     (default the first run of each panel). ``zoom_frac``: with a number, each panel gets a second plot of
-    the last ``zoom_frac`` of its steps with the y axis fitted to them, where small gaps become visible;
-    ``None`` for the full curves only. Returns the path written. Needs matplotlib (no pyplot state is used).
+    the end of the run with the y axis fitted to it, where gaps of a percent become visible: the steps of
+    ``window`` if given (``GapTable.window``, shaded in both plots), else the last ``zoom_frac`` of the steps;
+    ``None`` for the full curves only. Runs with few points get markers. Returns the path written.
+    Needs matplotlib; uses no pyplot state.
     """
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -676,47 +678,53 @@ def plot_runs(runs: Sequence[Run] | Mapping[str, Sequence[Run]], out: str | Path
     panels = dict(runs) if isinstance(runs, Mapping) else {title or "": list(runs)}
     if not panels or not all(panels.values()):
         raise ValueError("plot_runs: nothing to plot")
-    names = list(dict.fromkeys(r.name for rs in panels.values() for r in rs))
     palette = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2", "#17becf",
                "#bcbd22", "#7f7f7f"]
-    base_name = baseline if baseline is not None else None
-    others = [n for n in names if n != base_name]
-    colour = {n: palette[i % len(palette)] for i, n in enumerate(others)}
+    names = list(dict.fromkeys(r.name for rs in panels.values() for r in rs if r.name != baseline))
+    colour = {n: palette[i % len(palette)] for i, n in enumerate(names)}
     ncols = 2 if zoom_frac else 1
     fig = Figure(figsize=(6.0 * ncols, 4.2 * len(panels)), dpi=110, layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(len(panels), ncols, squeeze=False)
     for row, (panel_title, panel_runs) in enumerate(panels.items()):
-        base = _pick_baseline(panel_runs, base_name).name
+        base = _pick_baseline(panel_runs, baseline).name
+        first = min(int(r.steps[0]) for r in panel_runs)
+        last = max(int(r.steps[-1]) for r in panel_runs)
+        if window is not None and window[0] < window[1]:
+            lo, hi, zoom_title = window[0], window[1], f"compared window, steps {window[0]}-{window[1]}"
+        else:
+            lo, hi, zoom_title = last - (zoom_frac or 1) * (last - first), last, f"last {zoom_frac:.0%} of steps"
+        name = panel_title or "loss"
         for col in range(ncols):
             ax = axes[row][col]
-            lo = None
+            seen = []  # finite values inside the zoomed range, to fit its y axis
+            for r in sorted(panel_runs, key=lambda r: r.name == base):  # the baseline drawn last, on top
+                style = dict(color="black", linestyle="--", linewidth=1.8, zorder=3, label=f"{r.name} (baseline)") \
+                    if r.name == base else dict(color=colour.get(r.name, "#7f7f7f"), linewidth=1.4, zorder=2,
+                                                label=r.name)
+                if r.steps.size <= 40:
+                    style.update(marker="o", markersize=3)
+                ax.plot(r.steps, r.values, **style)
+                if col == 1:
+                    inside = (r.steps >= lo) & (r.steps <= hi)
+                    edges = [s for s in (lo, hi) if r.steps[0] <= s <= r.steps[-1]]
+                    y = np.concatenate([r.values[inside], _interp_at(r, np.array(edges, dtype=np.int64))])
+                    seen.append(y[np.isfinite(y)])
+            if col == 0 and window is not None and window[0] < window[1]:
+                ax.axvspan(window[0], window[1], color="0.85", alpha=0.5, zorder=0,
+                           label="compared window")
             if col == 1:
-                first = min(int(r.steps[0]) for r in panel_runs)
-                last = max(int(r.steps[-1]) for r in panel_runs)
-                lo = last - zoom_frac * (last - first)
-            ys = []
-            for r in sorted(panel_runs, key=lambda r: r.name == base):  # baseline drawn last, on top
-                keep = slice(None) if lo is None else r.steps >= lo
-                x, y = r.steps[keep], r.values[keep]
-                ys.append(y[np.isfinite(y)])
-                if r.name == base:
-                    ax.plot(x, y, color="black", linestyle="--", linewidth=1.8, label=f"{r.name} (baseline)",
-                            zorder=3)
-                else:
-                    ax.plot(x, y, color=colour.setdefault(r.name, palette[len(colour) % len(palette)]),
-                            linewidth=1.4, label=r.name, zorder=2)
-            if lo is not None:
-                finite = np.concatenate(ys) if ys else np.array([])
+                finite = np.concatenate(seen)
+                ax.set_xlim(lo - 0.02 * (hi - lo), hi + 0.02 * (hi - lo))
                 if finite.size:
-                    pad = 0.05 * (finite.max() - finite.min()) or 0.01 * abs(finite.max()) or 0.01
+                    pad = 0.08 * (finite.max() - finite.min()) or 0.01 * abs(finite.max()) or 0.01
                     ax.set_ylim(finite.min() - pad, finite.max() + pad)
             ax.set_xlabel("step")
             ax.set_ylabel(ylabel)
             ax.grid(True, alpha=0.3)
-            name = panel_title or "loss"
-            ax.set_title(f"{name}: last {zoom_frac:.0%} of steps" if col == 1 else name, fontsize=11)
-            ax.legend(fontsize=9, framealpha=0.85)
+            ax.set_title(f"{name}: {zoom_title}" if col == 1 else name, fontsize=11)
+            if col == 0:  # one legend per row: the zoomed plot has no free corner and shares the colours
+                ax.legend(fontsize=9, framealpha=0.85)
     if title and isinstance(runs, Mapping):
         fig.suptitle(title)
     out = Path(out)
@@ -757,7 +765,9 @@ def _run(args: argparse.Namespace) -> int:
     print(format_table(table, args.max_gap) + (f"\n(smoothed over {args.smooth} points)" if args.smooth > 1 else ""))
     if args.out:
         title = runs[0].metric if len({r.metric for r in runs}) == 1 else "loss"
-        print(f"\nwrote {plot_runs(runs, args.out, table.baseline, title=title, zoom_frac=args.window_frac)}")
+        written = plot_runs(runs, args.out, table.baseline, title=title, zoom_frac=args.window_frac,
+                            window=table.window)
+        print(f"\nwrote {written}")
     if args.max_gap is None:
         return 0
     failures = check_gaps(table, args.max_gap)
