@@ -1,29 +1,419 @@
-"""Choose the implementation of ``quant_dequant`` per format family and device.
+"""Choose the implementation of ``quant_dequant`` per format family and device type.
 
-For now only the plain-torch reference is registered; fast paths (Triton, NPU) register into
-``IMPLEMENTATIONS`` with the same signature and must equal the reference bit for bit.
+The table is visible and printable (``describe()``): ``(family, device type) -> {backend: Implementation}``.
+Backends are ``torch`` (the plain-torch reference in ``fakequant.formats``, the truth, on any device),
+``triton`` (``fakequant.kernels.triton``, CUDA tensors; CPU tensors under ``TRITON_INTERPRET=1``) and
+``npu`` (registered by ``fakequant_npu`` through ``register``).
+
+Selection for ``quant_dequant(x, q, backend=None)``:
+
+* ``backend`` given, or else ``FAKEQUANT_BACKEND`` set (the only environment variable fakequant reads,
+  read here at call time): that backend is **explicit**. If it has no implementation of ``q.family`` for
+  ``x.device.type``, if its capability check says no, or if it fails its self-test, ``RuntimeError`` is
+  raised with the reason.
+* Otherwise **automatic**: the device type's automatic order (``cuda``: triton, torch; ``npu``: npu, torch;
+  anything else: torch) is walked and the first implementation whose capability check passes and whose
+  self-test passes is used. A capability miss falls back quietly; a refused self-test falls back with a
+  ``RuntimeWarning`` naming the mismatch.
+
+**Self-test.** The first time a non-reference implementation is used for a (backend, format, device type,
+dtype), a canary tensor (random values at many scales, ties, subnormals, signed zeros, zero blocks, a NaN
+and an inf inside blocks, values near the format's and dtype's limits) is quantized along both axes by the
+implementation and by the reference; any bitwise difference (NaN equal to NaN, -0 distinct from +0) refuses
+the implementation for that key for the rest of the process.
+
+Public: ``quant_dequant``, ``register``, ``describe``, ``select``, ``Implementation``, ``BACKENDS``,
+``reset_self_tests``; ``quant_dequant_pair`` (one tensor, two formats/axes, one pass where a kernel fuses it).
 """
 
 from __future__ import annotations
 
+import importlib
+import os
+import sys
+import threading
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
 from torch import Tensor
 
-from .formats import as_qtype, reference_quant_dequant
-from .qtype import QType
+from .formats import REFERENCE_IMPLS, as_qtype, check_input, reference_quant_dequant
+from .qtype import FAMILIES, QType
 
-__all__ = ["quant_dequant", "BACKENDS"]
+__all__ = [
+    "quant_dequant", "quant_dequant_pair", "register", "describe", "select", "Implementation", "BACKENDS",
+    "reset_self_tests", "ENV_BACKEND",
+]
 
 BACKENDS = ("torch", "triton", "npu")
+ENV_BACKEND = "FAKEQUANT_BACKEND"
+ANY_DEVICE = "*"
+
+Check = Callable[[Tensor, QType], "tuple[bool, str]"]
 
 
+@dataclass(frozen=True)
+class Implementation:
+    """One way to compute ``quant_dequant`` for a format family on a device type.
+
+    ``fn`` is a callable ``(x, q) -> Tensor`` or a lazy ``"module:function"`` string, resolved at each call
+    (so importing fakequant never imports Triton, and tests can monkeypatch the module attribute).
+    ``check(x, q) -> (ok, reason)`` says whether it can run this call; ``reason`` feeds errors and skips.
+    ``auto``: eligible for automatic selection on this device type.
+    """
+
+    backend: str
+    family: str
+    device_type: str
+    fn: Callable[[Tensor, QType], Tensor] | str
+    check: Check | None = None
+    auto: bool = True
+    note: str = ""
+
+    def resolve(self) -> Callable[[Tensor, QType], Tensor]:
+        if callable(self.fn):
+            return self.fn
+        module, func = self.fn.split(":")
+        return getattr(importlib.import_module(module), func)
+
+    def can_run(self, x: Tensor, q: QType) -> tuple[bool, str]:
+        return (True, "") if self.check is None else self.check(x, q)
+
+    @property
+    def is_reference(self) -> bool:
+        return self.backend == "torch"
+
+
+@dataclass
+class _State:
+    table: dict[tuple[str, str], dict[str, Implementation]] = field(default_factory=dict)
+    auto_order: dict[str, list[str]] = field(default_factory=dict)
+    self_tests: dict[tuple, tuple[bool, str]] = field(default_factory=dict)
+    chosen: dict[tuple[str, str], str] = field(default_factory=dict)
+    warned: set = field(default_factory=set)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+_STATE = _State()
+
+
+# ---------------------------------------------------------------------------------------------- registry
+def register(
+    backend: str,
+    families: str | tuple[str, ...] | list[str],
+    device_types: str | tuple[str, ...] | list[str],
+    fn: Callable[[Tensor, QType], Tensor] | str,
+    check: Check | None = None,
+    *,
+    auto: bool = True,
+    note: str = "",
+    replace: bool = False,
+) -> None:
+    """Register ``fn`` as ``backend``'s implementation of ``families`` on ``device_types``.
+
+    ``fakequant_npu`` calls ``register("npu", families, "npu", fn, check)``. With ``auto=True`` the backend is
+    put ahead of the reference in the device type's automatic order. Registering an existing
+    (backend, family, device type) raises ``ValueError`` unless ``replace=True``.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    families = (families,) if isinstance(families, str) else tuple(families)
+    device_types = (device_types,) if isinstance(device_types, str) else tuple(device_types)
+    for fam in families:
+        if fam not in FAMILIES:
+            raise ValueError(f"family {fam!r} is not one of {', '.join(FAMILIES)}")
+    if not callable(fn) and not (isinstance(fn, str) and fn.count(":") == 1):
+        raise TypeError(f"fn must be a callable or a 'module:function' string, got {fn!r}")
+    with _STATE.lock:
+        for dev in device_types:
+            for fam in families:
+                slot = _STATE.table.setdefault((fam, dev), {})
+                if backend in slot and not replace:
+                    raise ValueError(
+                        f"{backend!r} already implements {fam!r} on {dev!r}; pass replace=True to override"
+                    )
+                slot[backend] = Implementation(backend, fam, dev, fn, check, auto, note)
+            if auto and backend != "torch" and dev != ANY_DEVICE:
+                order = _STATE.auto_order.setdefault(dev, [])
+                if backend not in order:
+                    order.append(backend)
+        _STATE.self_tests.clear()
+
+
+def _candidates(family: str, device_type: str) -> dict[str, Implementation]:
+    merged = dict(_STATE.table.get((family, ANY_DEVICE), {}))
+    merged.update(_STATE.table.get((family, device_type), {}))
+    return merged
+
+
+def _env_backend() -> str | None:
+    value = os.environ.get(ENV_BACKEND, "").strip().lower()
+    if not value:
+        return None
+    if value not in BACKENDS:
+        raise ValueError(
+            f"{ENV_BACKEND}={value!r} is not one of {', '.join(BACKENDS)} (unset it for automatic choice)"
+        )
+    return value
+
+
+def select(x: Tensor, q: QType | str, backend: str | None = None) -> Implementation:
+    """The implementation ``quant_dequant(x, q, backend)`` would use (running the self-test if due)."""
+    q = as_qtype(q)
+    if backend is not None and backend not in BACKENDS:
+        raise ValueError(f"backend {backend!r} is not one of {', '.join(BACKENDS)} (or None for automatic)")
+    requested = backend if backend is not None else _env_backend()
+    dev = x.device.type
+    impls = _candidates(q.family, dev)
+    if requested is not None:
+        impl = impls.get(requested)
+        if impl is None:
+            have = ", ".join(sorted(impls)) or "none"
+            raise RuntimeError(
+                f"backend {requested!r} has no implementation of format family {q.family!r} ({q.desc}) on "
+                f"{dev!r} tensors; implementations there: {have}"
+            )
+        ok, reason = impl.can_run(x, q)
+        if not ok:
+            raise RuntimeError(f"backend {requested!r} cannot run {q.desc!r} on this tensor: {reason}")
+        if not impl.is_reference:
+            passed, why = _self_test(impl, x, q)
+            if not passed:
+                raise RuntimeError(f"backend {requested!r} failed its self-test for {q.desc!r}: {why}")
+        _note_choice(q.family, dev, impl.backend)
+        return impl
+    for name in _STATE.auto_order.get(dev, []):
+        impl = impls.get(name)
+        if impl is None or not impl.auto or impl.is_reference:
+            continue
+        ok, _ = impl.can_run(x, q)
+        if not ok:
+            continue
+        passed, why = _self_test(impl, x, q)
+        if passed:
+            _note_choice(q.family, dev, impl.backend)
+            return impl
+        key = (impl.backend, q.family, dev, _format_key(q), x.dtype)
+        if key not in _STATE.warned:
+            _STATE.warned.add(key)
+            warnings.warn(
+                f"fakequant: the {impl.backend} kernel for {q.desc!r} on {dev} ({x.dtype}) failed its self-test "
+                f"against the reference and is not used; falling back to the reference: {why}",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+    impl = impls["torch"]
+    _note_choice(q.family, dev, impl.backend)
+    return impl
+
+
+def _note_choice(family: str, dev: str, backend: str) -> None:
+    _STATE.chosen[(family, dev)] = backend
+
+
+# -------------------------------------------------------------------------------------------- public API
 def quant_dequant(x: Tensor, qtype: QType | str, backend: str | None = None) -> Tensor:
     """Quantize then dequantize ``x`` in format ``qtype`` along ``qtype.q_dim``; same shape and dtype out.
 
-    ``backend=None`` chooses automatically; ``"torch"`` forces the reference.
+    ``backend=None`` chooses automatically (module docstring); ``"torch"``, ``"triton"`` or ``"npu"`` force
+    one and raise ``RuntimeError`` with the reason when it cannot run.
     """
     q = as_qtype(qtype)
-    if backend not in (None, "torch"):
-        if backend not in BACKENDS:
-            raise ValueError(f"backend {backend!r} is not one of {', '.join(BACKENDS)} (or None for automatic)")
-        raise RuntimeError(f"backend {backend!r} is not available: no implementation is registered yet")
+    check_input(x, q)
+    impl = select(x, q, backend)
+    if impl.is_reference or x.numel() == 0:
+        return reference_quant_dequant(x, q)
+    return impl.resolve()(x, q)
+
+
+def quant_dequant_pair(x: Tensor, q_a: QType | str, q_b: QType | str, backend: str | None = None
+                       ) -> tuple[Tensor, Tensor]:
+    """``(quant_dequant(x, q_a), quant_dequant(x, q_b))``, bit for bit, in one pass over ``x`` where a
+    kernel fuses the two (Triton, MX family, a 2-D tensor quantized along both of its axes: autograd's
+    weight for fprop and dgrad, or ``grad_output`` for dgrad and wgrad); otherwise two calls."""
+    q_a, q_b = as_qtype(q_a), as_qtype(q_b)
+    check_input(x, q_a)
+    check_input(x, q_b)
+    impl_a = select(x, q_a, backend)
+    impl_b = select(x, q_b, backend)
+    if impl_a.backend == impl_b.backend == "triton" and x.numel() > 0:
+        mod = _triton_module("mx") if q_a.family == q_b.family == "mx" else None
+        if mod is not None and hasattr(mod, "quant_dequant_mx_pair") and mod.fusable_pair(x, q_a, q_b):
+            return mod.quant_dequant_mx_pair(x, q_a, q_b)
+    return quant_dequant(x, q_a, impl_a.backend), quant_dequant(x, q_b, impl_b.backend)
+
+
+# ---------------------------------------------------------------------------------------------- self-test
+def _format_key(q: QType) -> str:
+    return q.dim(-1).desc
+
+
+def reset_self_tests() -> None:
+    """Forget every self-test result, warning and recorded choice (for tests, after monkeypatching)."""
+    with _STATE.lock:
+        _STATE.self_tests.clear()
+        _STATE.warned.clear()
+        _STATE.chosen.clear()
+
+
+def canary(q: QType, dtype: torch.dtype, device: torch.device | str) -> Tensor:
+    """A small deterministic tensor that exercises a format's corner cases (2-D, both axes ragged)."""
+    block = q.block_len or 64
+    cols = max(2 * block + 3, 67)
+    rows = max(block + 5, 21)
+    gen = torch.Generator().manual_seed(0x5EED)
+    x = torch.randn(rows, cols, generator=gen, dtype=torch.float64)
+    # many scales: each row and each column block at its own power of two
+    row_scale = torch.randint(-40, 41, (rows, 1), generator=gen).double()
+    col_scale = torch.randint(-8, 9, (1, cols), generator=gen).double()
+    x = x * torch.exp2(row_scale + col_scale)
+    finfo = torch.finfo(dtype)
+    flat = x.view(-1)
+    n = flat.numel()
+    specials = [
+        0.5, 1.5, 2.5, -2.5, 0.25, 0.75, 3.5, 5.0, 6.0, 7.0, 448.0, 57344.0, 32768.0, 40960.0,  # ties, limits
+        2.0**-126, 2.0**-130, -(2.0**-133), 2.0**-140, 2.0**-149, 2.0**-24, 2.0**-14, 2.0**-22, 2.0**-23,
+        finfo.max, -finfo.max, finfo.max / 3, finfo.tiny, -0.0, 0.0, 1.0 - 2.0**-9, 1.0 + 2.0**-8,
+    ]
+    for i, v in enumerate(specials):
+        flat[(i * 37 + 11) % n] = v
+    x[3, :] = 0.0  # a zero row (zero blocks along -1)
+    x[:, 5] = -0.0  # a signed-zero column
+    x[7, 2] = float("nan")  # NaN inside a block
+    x[9, cols - 2] = float("inf")  # inf inside the ragged last block
+    x[rows - 2, 1] = float("-inf")
+    x[11, :] = torch.linspace(-4.0, 4.0, cols, dtype=torch.float64)  # exact halves and quarters
+    return x.to(dtype).to(device)
+
+
+def _self_test(impl: Implementation, x: Tensor, q: QType) -> tuple[bool, str]:
+    key = (impl.backend, q.family, x.device.type, _format_key(q), x.dtype)
+    result = _STATE.self_tests.get(key)
+    if result is None:
+        result = _run_self_test(impl, q, x.dtype, x.device)
+        _STATE.self_tests[key] = result
+    return result
+
+
+def _run_self_test(impl: Implementation, q: QType, dtype: torch.dtype, device: torch.device) -> tuple[bool, str]:
+    try:
+        c = canary(q, dtype, device)
+        fn = impl.resolve()
+        for dim in (-1, 0):
+            qd = q.dim(dim)
+            ok, reason = impl.can_run(c, qd)
+            if not ok:
+                continue
+            got = fn(c, qd)
+            want = reference_quant_dequant(c, qd)
+            bad = _mismatches(got, want)
+            if bad:
+                return False, bad + f" (canary {tuple(c.shape)}, dim={dim}, {dtype})"
+    except Exception as err:  # a kernel that cannot even run its canary is refused with the error
+        return False, f"{type(err).__name__}: {err}"
+    return True, "passed"
+
+
+def _mismatches(got: Tensor, want: Tensor) -> str:
+    if got.shape != want.shape or got.dtype != want.dtype:
+        return f"shape/dtype {tuple(got.shape)}/{got.dtype} instead of {tuple(want.shape)}/{want.dtype}"
+    a, b = got.float(), want.float()
+    same = (torch.isnan(a) & torch.isnan(b)) | ((a == b) & (torch.signbit(a) == torch.signbit(b)))
+    bad = int((~same).sum())
+    if bad == 0:
+        return ""
+    idx = tuple(int(i) for i in (~same).nonzero()[0])
+    return f"{bad} of {same.numel()} elements differ, first at {idx}: got {a[idx].item()!r}, reference {b[idx].item()!r}"
+
+
+# ---------------------------------------------------------------------------------------------- describe
+def describe(file=None) -> str:
+    """Print (to ``file``, default stdout) and return the dispatch table, the automatic order per device
+    type, the self-test results and the choices made so far in this process."""
+    lines = [f"fakequant dispatch ({ENV_BACKEND}={os.environ.get(ENV_BACKEND, '') or 'unset'})"]
+    lines.append("automatic order: " + "; ".join(
+        f"{dev}: {' > '.join([*order, 'torch'])}" for dev, order in sorted(_STATE.auto_order.items())
+    ) + "; other devices: torch")
+    lines.append(f"{'family':<11} {'device':<6} backends")
+    for (fam, dev), impls in sorted(_STATE.table.items()):
+        parts = []
+        for name, impl in impls.items():
+            extra = [] if impl.auto or dev == ANY_DEVICE else ["explicit only"]
+            if impl.note:
+                extra.append(impl.note)
+            parts.append(name + (f" ({'; '.join(extra)})" if extra else ""))
+        lines.append(f"{fam:<11} {dev:<6} {', '.join(parts)}")
+    if _STATE.self_tests:
+        lines.append("self-tests:")
+        for (backend, fam, dev, fmt, dtype), (ok, why) in sorted(_STATE.self_tests.items(), key=str):
+            lines.append(f"  {backend} {fmt} on {dev} {str(dtype).replace('torch.', '')}: "
+                         f"{'passed' if ok else 'REFUSED: ' + why}")
+    if _STATE.chosen:
+        lines.append("chosen: " + ", ".join(f"{fam}@{dev} -> {b}" for (fam, dev), b in sorted(_STATE.chosen.items())))
+    text = "\n".join(lines)
+    print(text, file=file if file is not None else sys.stdout)
+    return text
+
+
+# ----------------------------------------------------------------------------------- built-in registrations
+# The Triton kernels: family -> module in fakequant.kernels.triton and its launcher.
+TRITON_KERNELS = {
+    "mx": "mx:quant_dequant_mx",
+}
+_TRITON_STATUS: list = []  # [(ok, reason)] once probed
+
+
+def _triton_module(name: str):
+    return importlib.import_module(f"fakequant.kernels.triton.{name}")
+
+
+def _triton_available() -> tuple[bool, str]:
+    if not _TRITON_STATUS:
+        try:
+            import triton  # noqa: F401
+
+            _TRITON_STATUS.append((True, ""))
+        except Exception as err:  # ImportError, or a broken install
+            _TRITON_STATUS.append((False, f"triton does not import ({type(err).__name__}: {err})"))
+    return _TRITON_STATUS[0]
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0").strip().lower() in ("1", "true", "yes", "on")
+
+
+_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _triton_check(x: Tensor, q: QType) -> tuple[bool, str]:
+    ok, reason = _triton_available()
+    if not ok:
+        return ok, reason
+    dev = x.device.type
+    if dev == "cpu" and not _interpreting():
+        return False, "Triton runs CPU tensors only under the interpreter (TRITON_INTERPRET=1)"
+    if dev not in ("cuda", "cpu"):
+        return False, f"Triton kernels run on CUDA tensors, not {dev!r}"
+    if x.dtype not in _TRITON_DTYPES:
+        return False, f"dtype {x.dtype} is not supported by the Triton kernels (float32, bfloat16, float16)"
+    return True, ""
+
+
+def _cast_any(x: Tensor, q: QType) -> Tensor:
+    # a plain IEEE cast round trip is one fused elementwise op in torch already, on every device
     return reference_quant_dequant(x, q)
+
+
+def _register_builtins() -> None:
+    register("torch", tuple(REFERENCE_IMPLS) + ("cast",), ANY_DEVICE, reference_quant_dequant,
+             note="reference")
+    for family, target in TRITON_KERNELS.items():
+        fn = f"fakequant.kernels.triton.{target}"
+        register("triton", family, "cuda", fn, _triton_check)
+        register("triton", family, "cpu", fn, _triton_check, auto=False, note="TRITON_INTERPRET=1")
+    register("triton", "cast", ("cuda", "cpu"), _cast_any, _triton_check, auto=False, note="torch cast")
+
+
+_register_builtins()

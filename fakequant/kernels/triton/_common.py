@@ -1,0 +1,259 @@
+"""Pieces shared by the Triton kernels: exact bit-level arithmetic, tile geometry, the output cast.
+
+Numerics follow ``shared/spec/formats.md`` §0: exponents are read from the bits (never ``tl.log2``),
+scaling is by powers of two built from the bits, rounding is applied to exact values, and the exact float32
+result is cast to the input dtype with saturation. Everything here runs both compiled and under
+``TRITON_INTERPRET=1``; where the interpreter's own casts are not IEEE-exact (its float32 -> bfloat16 cast
+truncates) the kernels take an exact integer path selected by the ``INTERPRET`` constexpr.
+
+Launcher-side helpers (plain Python) are at the bottom: input checks, the ``[outer, L, inner]`` geometry of
+a quantization axis, and the tile shapes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+FLT_MAX = tl.constexpr(3.4028234663852886e38)  # largest finite float32
+
+# ----------------------------------------------------------------------------------------------- jit helpers
+
+
+@triton.jit
+def bits_of(x):
+    """The int32 bit pattern of float32 ``x``."""
+    return x.to(tl.int32, bitcast=True)
+
+
+@triton.jit
+def float_of(b):
+    """The float32 whose bit pattern is int32 ``b``."""
+    return b.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def exponent_and_fraction(ab):
+    """``(E, f)`` of the positive finite float32 with bits ``ab``: E = floor(log2 a) exactly and f its 23
+    fraction bits after normalisation (so a = (1 + f / 2^23) * 2^E), fp32 subnormals included.
+
+    A subnormal's bits, read as an integer m < 2^23, convert to float32 exactly; float(m) has the same
+    significand as a = m * 2^-149, and E(a) = E(float(m)) - 149.
+    """
+    sub = ab < 0x00800000
+    nb = tl.where(sub, bits_of(ab.to(tl.float32)), ab)
+    e = (nb >> 23) - tl.where(sub, 127 + 149, 127)
+    return e, nb & 0x7FFFFF
+
+
+@triton.jit
+def pow2(e, SUBNORMAL: tl.constexpr = True):
+    """Exact float32 ``2^e`` for int32 ``e`` in [-149, 127] (subnormal powers included); with
+    ``SUBNORMAL=False`` the caller promises e >= -126 and gets the cheaper normal-only form."""
+    normal = (tl.maximum(e, -126) + 127) << 23
+    if SUBNORMAL:
+        small = 1 << tl.minimum(tl.maximum(e + 149, 0), 22)
+        return float_of(tl.where(e >= -126, normal, small))
+    return float_of(normal)
+
+
+@triton.jit
+def round_to_int(t, ROUND: tl.constexpr, T_MAY_REACH_2_23: tl.constexpr):
+    """Round exact float32 ``t`` in [0, 2^24) to an integer: ROUND 0 = nearest (ties away), 1 = even,
+    2 = floor (toward zero). Exact: t + 2^23 - 2^23 is t rounded half-even for t < 2^23 (the sum has ulp 1),
+    and the residual d = t - RNE(t) is exact, so ties are decided on the exact t (formats.md §0)."""
+    r = (t + 8388608.0) - 8388608.0
+    if T_MAY_REACH_2_23:
+        r = tl.where(t >= 8388608.0, t, r)  # already an integer there
+    if ROUND == 0:
+        r = tl.where(t - r == 0.5, r + 1.0, r)
+    elif ROUND == 2:
+        r = tl.where(t - r < 0.0, r - 1.0, r)
+    return r
+
+
+@triton.jit
+def load_f32(ptrs, mask, IN_KIND: tl.constexpr, INTERPRET: tl.constexpr):
+    """Load input elements as float32 (exact for every input dtype). The interpreter's bfloat16 -> float32
+    cast mishandles subnormals, so there the bits are widened by hand (a bfloat16 is the top half of a
+    float32)."""
+    x = tl.load(ptrs, mask=mask, other=0.0)
+    if INTERPRET and IN_KIND == 1:
+        return float_of(x.to(tl.int16, bitcast=True).to(tl.int32) << 16)
+    return x.to(tl.float32)
+
+
+@triton.jit
+def cast_out(y, OUT_KIND: tl.constexpr, INTERPRET: tl.constexpr, SATURATED: tl.constexpr = False):
+    """Cast an exact float32 result to the output dtype as ``saturating_cast`` does: finite values beyond the
+    dtype's largest finite value become it, ±inf and NaN stay, rounding is to nearest-even.
+
+    OUT_KIND 0 = float32, 1 = bfloat16, 2 = float16. ``SATURATED``: the caller already clamped magnitudes to
+    the dtype's largest finite value (``saturation(dtype)``) and produces no ±inf, so a plain cast is exact.
+    The interpreter truncates float32 -> bfloat16, so there the rounding is done on the bits.
+    """
+    if OUT_KIND == 0:
+        return y
+    elif OUT_KIND == 1:
+        if INTERPRET:
+            b = bits_of(y)
+            ab = b & 0x7FFFFFFF
+            r = (ab + 0x7FFF + ((ab >> 16) & 1)) >> 16
+            r = tl.minimum(r, 0x7F7F)  # finite beyond the largest bfloat16 saturates
+            r = tl.where(ab > 0x7F800000, 0x7FC0, tl.where(ab == 0x7F800000, 0x7F80, r))
+            r = r | ((b >> 16) & 0x8000)
+            return r.to(tl.int16).to(tl.bfloat16, bitcast=True)
+        elif SATURATED:
+            return y.to(tl.bfloat16)
+        else:
+            big = 3.3895313892515355e38  # largest finite bfloat16
+            finite = (bits_of(y) & 0x7FFFFFFF) < 0x7F800000
+            return tl.where(finite, tl.minimum(tl.maximum(y, -big), big), y).to(tl.bfloat16)
+    else:
+        if SATURATED:
+            return y.to(tl.float16)
+        finite = (bits_of(y) & 0x7FFFFFFF) < 0x7F800000
+        return tl.where(finite, tl.minimum(tl.maximum(y, -65504.0), 65504.0), y).to(tl.float16)
+
+
+@triton.jit
+def row_tile(pid, n_blocks, n_row_blocks, L, B: tl.constexpr, BP: tl.constexpr, NBLK: tl.constexpr,
+             EVEN: tl.constexpr, I64: tl.constexpr):
+    """Offsets and mask of a ``[NBLK, BP]`` tile of whole blocks along the last (contiguous) axis.
+
+    Row ``r`` of the tile is block ``pid * NBLK + r`` of the flattened ``[outer, ceil(L / B)]`` grid of blocks;
+    column ``j`` is its j-th element (``j < B``; BP is B rounded up to a power of two). ``EVEN``: L % B == 0,
+    so block k starts at k * B. Otherwise the block's row and position are recovered by division.
+    """
+    blk = pid * NBLK + tl.arange(0, NBLK)[:, None]  # [NBLK, 1]
+    if I64:
+        blk = blk.to(tl.int64)
+    j = tl.arange(0, BP)[None, :]  # [1, BP]
+    if EVEN:
+        offs = blk * B + j
+        mask = (blk < n_blocks) & (j < B)
+    else:
+        row = blk // n_row_blocks
+        start = (blk - row * n_row_blocks) * B
+        offs = row * L + start + j
+        mask = (blk < n_blocks) & (j < B) & (start + j < L)
+    return offs, mask
+
+
+@triton.jit
+def col_tile(pid, n_row_blocks, L, I, B: tl.constexpr, BP: tl.constexpr, NBLK: tl.constexpr,
+             BI: tl.constexpr, I64: tl.constexpr):
+    """Offsets and mask of a ``[NBLK, BP, BI]`` tile of a ``[outer, L, I]`` tensor quantized along L: NBLK
+    consecutive blocks of B elements along L (axis 1 of the tile) for BI consecutive columns (axis 2, the
+    contiguous one). The blocks reduce along axis 1, so no transpose is ever materialised."""
+    n_i = tl.cdiv(I, BI)
+    n_l = tl.cdiv(n_row_blocks, NBLK)
+    pi = pid % n_i
+    rest = pid // n_i
+    pl = rest % n_l
+    po = rest // n_l
+    if I64:
+        po = po.to(tl.int64)
+    bl = pl * NBLK + tl.arange(0, NBLK)[:, None, None]  # [NBLK, 1, 1]
+    j = tl.arange(0, BP)[None, :, None]  # [1, BP, 1]
+    i = pi * BI + tl.arange(0, BI)[None, None, :]  # [1, 1, BI]
+    pos = bl * B + j  # position along L
+    offs = po * L * I + pos * I + i
+    mask = (j < B) & (pos < L) & (i < I)
+    return offs, mask
+
+
+# ------------------------------------------------------------------------------------------ launcher helpers
+
+SUPPORTED_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+
+
+def out_kind(dtype: torch.dtype) -> int:
+    return SUPPORTED_DTYPES[dtype]
+
+
+def saturation(dtype: torch.dtype) -> float:
+    """The largest finite value of ``dtype``: results are clamped to it (formats.md §0, Output)."""
+    return float(torch.finfo(dtype).max)
+
+
+def check_input(x: torch.Tensor, dim: int, name: str) -> torch.Tensor:
+    """Validate a launcher's input and return it contiguous (a copy only when it is not)."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
+    if x.dtype not in SUPPORTED_DTYPES:
+        allowed = ", ".join(str(d) for d in SUPPORTED_DTYPES)
+        raise TypeError(f"{name}: dtype {x.dtype} is not supported by the Triton kernels (allowed: {allowed})")
+    if not -max(x.dim(), 1) <= dim < max(x.dim(), 1):
+        raise ValueError(f"{name}: axis dim={dim} is out of range for a tensor of rank {x.dim()}")
+    return x if x.is_contiguous() else x.contiguous()
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """A contiguous tensor seen as ``[outer, L, inner]`` around its quantization axis of length L."""
+
+    outer: int
+    length: int
+    inner: int
+
+    @property
+    def numel(self) -> int:
+        return self.outer * self.length * self.inner
+
+
+def geometry(x: torch.Tensor, dim: int) -> Geometry:
+    shape = list(x.shape) or [1]
+    dim %= len(shape)
+    outer = 1
+    for s in shape[:dim]:
+        outer *= s
+    inner = 1
+    for s in shape[dim + 1:]:
+        inner *= s
+    return Geometry(outer, shape[dim], inner)
+
+
+def is_interpreted(x: torch.Tensor) -> bool:
+    """Kernels on CPU tensors only run under ``TRITON_INTERPRET=1`` (checked by the dispatcher)."""
+    return x.device.type == "cpu"
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+@dataclass(frozen=True)
+class TilePlan:
+    """How a launcher tiles ``[outer, L, inner]``: row mode (inner == 1) or column mode, and the tile sizes."""
+
+    col: bool
+    nblk: int  # blocks per tile
+    bi: int  # columns per tile (column mode)
+    num_warps: int
+    grid: int
+
+
+def plan_tiles(g: Geometry, block: int, block_pow2: int, elem_size: int, interpreted: bool,
+               target_elems: int = 4096) -> TilePlan:
+    """Choose tile sizes: about ``target_elems`` elements per program on the GPU (enough bytes in flight per
+    SM), one big tile per program under the interpreter (whose cost is per program and per operation)."""
+    n_row_blocks = -(-g.length // block)
+    if interpreted:
+        target_elems = 1 << 16
+    if g.inner == 1:
+        nblk = max(1, min(next_pow2(g.outer * n_row_blocks), max(1, target_elems // block_pow2)))
+        grid = -(-(g.outer * n_row_blocks) // nblk)
+        tile = nblk * block_pow2
+        warps = 4 if tile <= 4096 else 8
+        return TilePlan(False, nblk, 1, warps, grid)
+    # column mode: at least 16 bytes of contiguous columns per row, more when the blocks are short
+    bi = min(next_pow2(g.inner), max(16 // elem_size, max(1, target_elems // block_pow2)))
+    bi = min(bi, 256)
+    nblk = max(1, min(next_pow2(n_row_blocks), max(1, target_elems // (block_pow2 * bi))))
+    grid = g.outer * -(-n_row_blocks // nblk) * -(-g.inner // bi)
+    warps = 4 if nblk * block_pow2 * bi <= 4096 else 8
+    return TilePlan(True, nblk, bi, warps, grid)

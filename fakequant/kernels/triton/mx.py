@@ -1,0 +1,170 @@
+"""MX block floats and integer blocks ``e<E>m<M>k<K>b<B>[c]`` on Triton (``shared/spec/formats.md`` §1, §2).
+
+Every element format (E = 0 or 2..8, any M), the four scale rules (floor, round, ceil, rceil), the three
+element roundings (nearest, even, floor) and any block size B. One program quantizes a tile of whole
+blocks: ``[NBLK, BP]`` when the axis is the last one (row mode), ``[NBLK, BP, BI]`` otherwise (column mode,
+blocks along axis 1 of the tile, BI contiguous columns), so each element is read once and written once and
+no transpose is materialised. Bit-exact with ``fakequant.formats.mx.quant_dequant_mx``.
+
+Order as in the Triton tutorials: the per-tile math, the kernel, the launcher.
+Public: ``quant_dequant_mx(x, q)``.
+"""
+
+from __future__ import annotations
+
+import struct
+
+import torch
+import triton
+import triton.language as tl
+
+from ...qtype import QType
+from ._common import (
+    FLT_MAX, bits_of, cast_out, check_input, col_tile, exponent_and_fraction, float_of, geometry,
+    is_interpreted, load_f32, next_pow2, out_kind, saturation, plan_tiles, pow2, round_to_int, row_tile,
+)
+
+__all__ = ["quant_dequant_mx", "mx_constants"]
+
+_FLT_MAX = 3.4028234663852886e38
+_ROUND_CODE = {"nearest": 0, "even": 1, "floor": 2}
+
+
+@triton.jit
+def _mx_tile(x, EMAX: tl.constexpr, EMIN: tl.constexpr, MBITS: tl.constexpr, IS_INT: tl.constexpr,
+             KMAX: tl.constexpr, BUMP_GE: tl.constexpr, MAXV: tl.constexpr, SPLIT: tl.constexpr,
+             SUB_AMAX: tl.constexpr, ROUND: tl.constexpr, SAT: tl.constexpr):
+    """Quantize-dequantize a float32 tile whose blocks run along axis 1 (any rank >= 2).
+
+    EMAX/EMIN/MBITS: the element format (formats.md §1 table; for integers EMAX = EMIN = 0 and the grid
+    is k / 2^(M-1)). KMAX: the E8M0-style window 2^(K-1) - 1. BUMP_GE: the scale rule as a threshold on the
+    23 fraction bits of amax (s = E(amax) - EMAX + [f >= BUMP_GE]; 2^23 never bumps). MAXV: the largest
+    element magnitude. SPLIT: the element grid reaches below 2^(M-127) (E = 8), where 2^(M-p) overflows
+    float32 and is applied in two steps. SUB_AMAX: a block maximum that is an fp32 subnormal can give a scale
+    above the window's floor (integer elements with K = 8), so its exponent is read exactly. SAT: the output
+    dtype's largest finite value; magnitudes are clamped to it (formats.md §0, Output), NaN propagating.
+    """
+    ab = bits_of(x) & 0x7FFFFFFF
+    amax = tl.max(ab, axis=1, keep_dims=True)  # int max of |x| bits: NaN > inf > finite, ordered
+    if SUB_AMAX:
+        e, frac = exponent_and_fraction(tl.maximum(amax, 1))
+    else:  # a subnormal amax gives s <= -127 - EMAX + 1 <= -KMAX: clamped to the floor either way
+        e = (amax >> 23) - 127
+        frac = amax & 0x7FFFFF
+    s = e - EMAX + (frac >= BUMP_GE).to(tl.int32)
+    s = tl.where(amax > 0, s, -126 - EMAX)  # all-zero block: microxcaling's 2^-126 convention
+    nan_block = (amax >= 0x7F800000) | (s > KMAX)
+    s = tl.minimum(tl.maximum(s, -KMAX), KMAX)
+    scale = tl.where(nan_block, float("nan"), pow2(s, KMAX >= 127))  # a NaN block's scale carries its NaN
+    a = float_of(ab) * pow2(-s, KMAX >= 127)  # |x| / 2^s, one correctly rounded product
+    if IS_INT:
+        t = a * (2.0 ** (MBITS - 1))  # exact (a < 2)
+        r = round_to_int(t, ROUND, False)
+        q = tl.minimum(r, MAXV * (2.0 ** (MBITS - 1))) * (2.0 ** (1 - MBITS))
+    else:
+        # p = max(E(a), EMIN) read from the exponent field; 2^(M-p) and 2^(p-M) built from the bits
+        binade = tl.maximum(bits_of(a) & 0x7F800000, (EMIN + 127) << 23)  # bits of 2^p
+        if SPLIT:
+            # p < M - 127 (E = 8 only): 2^(M-p) overflows float32, so apply 2^64 first (exact: a < 2^-104)
+            small = binade < (MBITS << 23)
+            t_small = (a * 18446744073709551616.0) * float_of(((190 + MBITS) << 23) - binade)
+            t = tl.where(small, t_small, a * float_of(((127 + MBITS) << 23) + ((127 << 23) - binade)))
+            # 2^(p-M) is a float32 subnormal when p - M < -126
+            sub_q = float_of(1 << tl.minimum(tl.maximum((binade >> 23) - MBITS + 22, 0), 22))
+            quantum = tl.where(binade >= ((MBITS + 1) << 23), float_of(binade - (MBITS << 23)), sub_q)
+            r = round_to_int(t, ROUND, MBITS == 23)
+            q = r * quantum
+        else:
+            t = a * float_of(((127 + MBITS) << 23) + ((127 << 23) - binade))  # a * 2^(M-p): exact, < 2^(M+1)
+            r = round_to_int(t, ROUND, MBITS == 23)
+            q = r * float_of(binade - (MBITS << 23))  # * 2^(p-M), exact
+        q = tl.minimum(q, MAXV)
+        if SPLIT:
+            q = tl.where(a == float("inf"), float("nan"), q)  # the reference's inf / inf (E = 8)
+    # q * 2^s beyond the output dtype's range saturates; NaN (NaN blocks) propagates through the clamp
+    out = tl.minimum(q * scale, SAT, propagate_nan=tl.PropagateNan.ALL)
+    # sign from the input: x + 0 turns -0 into +0 (formats.md §0: ±0 in gives +0)
+    return float_of(bits_of(out) | (bits_of(x + 0.0) & -2147483648))
+
+
+@triton.jit
+def _mx_kernel(
+    x_ptr, y_ptr,  # input and output, same dtype, contiguous
+    n_blocks, n_row_blocks, L, I,  # blocks in all (row mode); blocks per slice; axis length; inner size
+    B: tl.constexpr, BP: tl.constexpr,  # block size and its power-of-two padding
+    NBLK: tl.constexpr, BI: tl.constexpr, COL: tl.constexpr, EVEN: tl.constexpr, I64: tl.constexpr,
+    EMAX: tl.constexpr, EMIN: tl.constexpr, MBITS: tl.constexpr, IS_INT: tl.constexpr, KMAX: tl.constexpr,
+    BUMP_GE: tl.constexpr, MAXV: tl.constexpr, SPLIT: tl.constexpr, SUB_AMAX: tl.constexpr,
+    ROUND: tl.constexpr, SAT: tl.constexpr, OUT_KIND: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    if COL:
+        offs, mask = col_tile(pid, n_row_blocks, L, I, B, BP, NBLK, BI, I64)
+    else:
+        offs, mask = row_tile(pid, n_blocks, n_row_blocks, L, B, BP, NBLK, EVEN, I64)
+    x = load_f32(x_ptr + offs, mask, OUT_KIND, INTERPRET)
+    y = _mx_tile(x, EMAX, EMIN, MBITS, IS_INT, KMAX, BUMP_GE, MAXV, SPLIT, SUB_AMAX, ROUND, SAT)
+    tl.store(y_ptr + offs, cast_out(y, OUT_KIND, INTERPRET, True), mask=mask)
+
+
+def _frac_bits(v: float) -> int:
+    return struct.unpack("<I", struct.pack("<f", v))[0] & 0x7FFFFF
+
+
+def mx_constants(q: QType) -> dict:
+    """The kernel's format constexprs for ``q`` (formats.md §1 step 1, §2)."""
+    e, m = q.exp_bits, q.man_bits
+    is_int = e == 0
+    if is_int:
+        emax = emin = 0
+        maxv = (2**m - 1) / 2 ** (m - 1)
+    else:
+        emax = 2 ** (e - 1) - (1 if (e, m) == (5, 2) else 0)
+        emin = 2 - 2 ** (e - 1)
+        maxv = 448.0 if (e, m) == (4, 3) else 2.0**emax * (2 - 2.0**-m)
+    never = 1 << 23
+    mode = q.scale_mode
+    if mode == "floor":
+        bump = never
+    elif mode == "round":
+        if not is_int:
+            bump = _frac_bits(float.fromhex("0x1.6a09e8p0"))  # significand >= the smallest fp32 >= sqrt(2)
+        elif q.round_mode == "floor":
+            bump = never
+        else:
+            bump = _frac_bits(2 - 2.0**-m) if m < 24 else never  # amax would round to 2^M: the carry
+    elif mode == "ceil":
+        bump = 1  # any fraction bit set: amax is not a power of two
+    elif mode == "rceil":
+        bump = _frac_bits(maxv / 2.0**emax) + 1  # significand > max_norm / 2^emax
+    else:
+        raise ValueError(f"scale mode {mode!r} is not one of floor, round, ceil, rceil")
+    return dict(
+        EMAX=emax, EMIN=emin, MBITS=m, IS_INT=is_int, KMAX=2 ** (q.k_bits - 1) - 1, BUMP_GE=bump,
+        MAXV=float(maxv) if maxv <= _FLT_MAX else float("inf"), SPLIT=(not is_int and emin < m - 126),
+        SUB_AMAX=-127 + 1 - emax > -(2 ** (q.k_bits - 1) - 1),
+        ROUND=_ROUND_CODE[q.round_mode],
+    )
+
+
+def quant_dequant_mx(x: torch.Tensor, q: QType) -> torch.Tensor:
+    """``e<E>m<M>k<K>b<B>[c]`` of ``x`` along ``q.q_dim``; same shape and dtype out (formats.md §1, §2)."""
+    if q.family != "mx":
+        raise ValueError(f"quant_dequant_mx: expected an e<E>m<M>k<K>b<B> QType, got {q.desc!r} ({q.family})")
+    x = check_input(x, q.q_dim, "quant_dequant_mx")
+    y = torch.empty_like(x)
+    if x.numel() == 0:
+        return y
+    g = geometry(x, q.q_dim)
+    block = q.blk_size
+    bp = next_pow2(block)
+    interp = is_interpreted(x)
+    plan = plan_tiles(g, block, bp, x.element_size(), interp)
+    n_row_blocks = -(-g.length // block)
+    _mx_kernel[(plan.grid,)](
+        x, y, g.outer * n_row_blocks, n_row_blocks, g.length, g.inner,
+        B=block, BP=bp, NBLK=plan.nblk, BI=plan.bi, COL=plan.col, EVEN=g.length % block == 0,
+        I64=x.numel() >= 2**31 - 2**24, **mx_constants(q), SAT=saturation(x.dtype), OUT_KIND=out_kind(x.dtype), INTERPRET=interp,
+        num_warps=plan.num_warps, enable_fp_fusion=False,
+    )
+    return y
