@@ -693,7 +693,7 @@ def plot_runs(runs: Sequence[Run] | Mapping[str, Sequence[Run]], out: str | Path
         if window is not None and window[0] < window[1]:
             lo, hi, zoom_title = window[0], window[1], f"compared window, steps {window[0]}-{window[1]}"
         else:
-            lo, hi, zoom_title = last - (zoom_frac or 1) * (last - first), last, f"last {zoom_frac:.0%} of steps"
+            lo, hi, zoom_title = last - (zoom_frac or 1) * (last - first), last, f"last {zoom_frac or 1:.0%} of steps"
         name = panel_title or "loss"
         for col in range(ncols):
             ax = axes[row][col]
