@@ -197,11 +197,11 @@ def _tiles(x3: Tensor, block_len: int, tile_elements: int):
                 yield index, x3[index].permute(0, 2, 1)  # [pc, ic, n]
 
 
-def _tile_f32(tile: Tensor, block_len: int) -> tuple[Tensor, int]:
+def _tile_f32(tile: Tensor, block_len: int, as_float32: bool = True) -> tuple[Tensor, int]:
     """The tile in float32 (exact for fp16/bf16; fp64 is rounded to fp32 as formats.md §0 says), zero-padded
     along the axis to whole blocks; returns it and the unpadded length."""
     n = tile.shape[-1]
-    t = tile.to(F32)
+    t = tile.to(F32) if as_float32 else tile
     pad = (-n) % block_len
     if pad:
         t = torch.nn.functional.pad(t, (0, pad))
@@ -238,15 +238,21 @@ def _round_to_dtype(y: Tensor, dtype: torch.dtype) -> Tensor:
 
 
 def _run(
-    x: Tensor, q: QType, block_len: int, kernel: Callable[[Tensor], Tensor], tile_elements: int | None
+    x: Tensor,
+    q: QType,
+    block_len: int,
+    kernel: Callable[[Tensor], Tensor],
+    tile_elements: int | None,
+    as_float32: bool = True,
 ) -> Tensor:
     """Apply ``kernel`` (float32 ``[..., n]`` -> float32 ``[..., n]``, blocks of ``block_len`` along the last
-    axis) tile by tile along ``q.q_dim``; write the result in x's dtype into one output tensor."""
+    axis) tile by tile along ``q.q_dim``; write the result in x's dtype into one output tensor.
+    ``as_float32=False`` hands the kernel the tile in x's own dtype (the native operator takes bf16/fp16)."""
     tile_elements = tile_elements or TILE_ELEMENTS
     x3 = _as_pli(x, q.q_dim)
     out3 = torch.empty(x3.shape, dtype=x.dtype, device=x.device)
     for index, tile in _tiles(x3, block_len, tile_elements):
-        t, n = _tile_f32(tile, block_len)
+        t, n = _tile_f32(tile, block_len, as_float32)
         y = kernel(t)[..., :n]  # [pc, ic, n]
         out3[index].copy_(_to_dtype(y, x.dtype).permute(0, 2, 1))
     return out3.reshape(x.shape)
