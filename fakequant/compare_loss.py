@@ -771,6 +771,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.max_gap is None:
         return 0
     failures = check_gaps(table, args.max_gap)
+    sys.stdout.flush()  # the table first, then the reasons, in a CI log that merges the two streams
     for f in failures:
         print(f"FAIL {f}", file=sys.stderr)
     if not failures:
