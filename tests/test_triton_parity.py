@@ -1,0 +1,369 @@
+"""Every Triton kernel against the plain-torch reference, bit for bit (atol = rtol = 0, NaN == NaN, -0 != +0).
+
+CPU: the kernels run under the Triton interpreter (``TRITON_INTERPRET=1``, set here before any kernel module
+is imported when no GPU is present) on small adversarial tensors: random values at many scales, exact ties,
+subnormals, zero and signed-zero blocks, NaN/inf inside blocks, values at the dtype's limits, axis lengths
+that are not a multiple of the block, axis 0 and -1, 3-D tensors, non-contiguous inputs, float32 / bfloat16 /
+float16. Also every golden ``quant_dequant`` case through ``backend="triton"``.
+
+GPU (``@pytest.mark.cuda``, run on the device machine): the same comparison over at least 10^8 elements per
+family, printing the mismatch count per family (it must be 0).
+
+The self-test tests break a kernel by one ulp and check that dispatch refuses it: a warning and the
+reference on automatic choice, ``RuntimeError`` on an explicit one.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import zlib
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
+
+triton = pytest.importorskip("triton")
+
+import fakequant  # noqa: E402
+from fakequant import QType, dispatch  # noqa: E402
+from fakequant.formats import reference_quant_dequant  # noqa: E402
+
+from .conftest import DATA, bitwise_mismatches  # noqa: E402
+
+INTERPRETED = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# the interpreter evaluates both sides of every tl.where in numpy, which warns about the side not taken
+pytestmark = pytest.mark.filterwarnings("ignore:.*encountered in:RuntimeWarning")
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+DTYPE_IDS = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+# Formats per family: the aliases, every scale rule and element rounding, integer elements, odd block sizes
+# and scale widths. Families whose kernel is not registered yet are skipped with the dispatcher's reason.
+QTYPES = {
+    "mx": [
+        "mxfp4", "mxfp6e3m2", "mxfp6e2m3", "mxfp8e4m3", "mxfp8e5m2", "e2m1k8b32", "e4m3k8b32:scale=rceil",
+        "e5m2k8b32:scale=ceil", "e2m1k8b32:round=even", "e3m2k8b16:round=floor", "e0m7k8b32c", "e0m3k8b32",
+        "e0m1k8b32c", "e0m5k8b32c:round=floor", "e0m4k8b16:scale=rceil:round=even", "e4m3k8b24",
+        "e2m3k6b7:scale=ceil", "e7m10k8b8", "e0m23k8b4c", "e6m5k3b5:round=even:scale=rceil", "e3m4k5b64c",
+    ],
+    "mx_hier": ["e2m1K1k3B2b16off20", "e4m3K2k4B4b8c", "e0m3K1k2B2b16c"],
+    "hifx": ["hifx2_v12", "hifx3_v12", "hifx4_v12", "hifx5_v12"],
+    "tmx": ["tmx3", "tmx6", "tmx12"],
+    "hif8": ["hif8", "hif8:saturate=false"],
+    "hif4": ["hif4"],
+    "nvf4": ["nvf4"],
+    "nvfp4": ["nvfp4"],
+    "nf4": ["nf4"],
+    "nf4_double": ["nf4B4b16", "nf4B8b8"],
+    "int8sym": ["int8sym"],
+}
+ALL_QTYPES = [(fam, name) for fam, names in QTYPES.items() for name in names]
+
+
+def _device() -> str:
+    return "cpu" if INTERPRETED or not torch.cuda.is_available() else "cuda"
+
+
+def _skip_unless_triton(q: QType, x: torch.Tensor) -> None:
+    impls = dispatch._candidates(q.family, x.device.type)
+    if "triton" not in impls:
+        pytest.skip(f"no Triton kernel registered for family {q.family!r} yet")
+    ok, reason = impls["triton"].can_run(x, q)
+    if not ok:
+        pytest.skip(reason)
+
+
+# ------------------------------------------------------------------------------------------------ inputs
+def adversarial(shape: tuple[int, ...], dtype: torch.dtype, seed: int, specials: bool = True) -> torch.Tensor:
+    """Random values at many scales with every corner case mixed in, in ``dtype``.
+
+    Scales are shared by runs of 8 elements of the flattened tensor (so blocks along the last axis have a
+    few binades, blocks along other axes a wide range), mantissas are Gaussian, small integers (exact ties
+    on coarse grids) or exact halves; then subnormals, zeros, -0, zero runs, values near the dtype's largest
+    finite value, and (with ``specials``) a sprinkle of NaN and ±inf.
+    """
+    g = torch.Generator().manual_seed(seed)
+    n = math.prod(shape)
+    lo, hi = (-20, 12) if dtype == torch.float16 else (-60, 60)
+    coarse = torch.randint(lo, hi + 1, (n // 8 + 1,), generator=g).repeat_interleave(8)[:n]
+    e = coarse + torch.randint(-3, 4, (n,), generator=g)
+    kind = torch.randint(0, 4, (n,), generator=g)
+    gauss = torch.randn(n, generator=g, dtype=torch.float64)
+    ints = torch.randint(-16, 17, (n,), generator=g).double() / 8
+    halves = torch.randint(-8, 8, (n,), generator=g).double() + 0.5
+    mant = torch.where(kind == 0, gauss, torch.where(kind == 1, ints, torch.where(kind == 2, halves, gauss * 3)))
+    x = mant * torch.exp2(e.double())
+    u = torch.rand(n, generator=g)
+    finfo = torch.finfo(dtype)
+    sub_lo = {torch.float32: -149, torch.bfloat16: -133, torch.float16: -24}[dtype]
+    sub = torch.randn(n, generator=g, dtype=torch.float64) * torch.exp2(
+        torch.randint(sub_lo, sub_lo + 30, (n,), generator=g).double()
+    )
+    x = torch.where(u < 0.03, sub, x)
+    x = torch.where((u >= 0.03) & (u < 0.07), torch.zeros_like(x), x)
+    x = torch.where((u >= 0.07) & (u < 0.09), torch.full_like(x, -0.0), x)
+    big = finfo.max * (0.5 + torch.rand(n, generator=g, dtype=torch.float64) / 2)
+    x = torch.where((u >= 0.09) & (u < 0.095), big * torch.sign(gauss), x)
+    runs = (torch.rand(n // 16 + 1, generator=g) < 0.05).repeat_interleave(16)[:n]
+    x = torch.where(runs, torch.zeros_like(x), x)
+    if specials:
+        x = torch.where((u >= 0.095) & (u < 0.0965), torch.full_like(x, float("nan")), x)
+        x = torch.where((u >= 0.0965) & (u < 0.0975), torch.full_like(x, float("inf")) * torch.sign(gauss), x)
+    return x.to(dtype).reshape(shape)
+
+
+def _shapes(q: QType) -> list[tuple[tuple[int, ...], int, bool]]:
+    """(shape, dim, transpose) cases: ragged lengths along -1 and 0, a 3-D middle axis, a transposed view."""
+    b = q.block_len or 48
+    ragged = 3 * b + b // 2 + 1  # not a multiple of the block
+    return [
+        ((13, ragged), -1, False),
+        ((ragged, 11), 0, False),
+        ((3, ragged, 5), 1, False),
+        ((2, 5, 2 * b), -1, False),
+        ((2 * b + 3, 7), 1, True),  # x.t(): non-contiguous, quantized along its last axis
+    ]
+
+
+def _special_rate(q: QType) -> bool:
+    # per-tensor scaling (nvfp4) turns a whole tensor NaN on one NaN: keep specials for a dedicated case
+    return q.family != "nvfp4"
+
+
+# ------------------------------------------------------------------------------------------ CPU parity
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: DTYPE_IDS[d])
+@pytest.mark.parametrize("family,name", ALL_QTYPES, ids=[n for _, n in ALL_QTYPES])
+def test_kernel_matches_reference_exact(family, name, dtype):
+    device = _device()
+    q0 = QType(name)
+    _skip_unless_triton(q0, torch.empty(1, dtype=dtype, device=device))
+    for i, (shape, dim, transpose) in enumerate(_shapes(q0)):
+        x = adversarial(shape, dtype, seed=zlib.crc32(f"{name}/{i}".encode()), specials=_special_rate(q0)).to(device)
+        if transpose:
+            x = x.t()
+            assert not x.is_contiguous()
+        q = q0.dim(dim)
+        before = x.clone()
+        got = fakequant.quant_dequant(x, q, backend="triton")
+        want = reference_quant_dequant(x, q)
+        assert got.shape == x.shape and got.dtype == x.dtype
+        bad = bitwise_mismatches(got, want)
+        assert bad == 0, f"{name} {DTYPE_IDS[dtype]} shape={tuple(x.shape)} dim={dim}: {bad} elements differ"
+        assert bitwise_mismatches(x, before) == 0  # the input is never modified
+
+
+@pytest.mark.parametrize("family,name", [(f, n) for f, n in ALL_QTYPES if f == "nvfp4"] or [("nvfp4", "nvfp4")])
+def test_per_tensor_specials_exact(family, name):
+    """nvfp4's tensor scale: one NaN/inf makes the whole tensor NaN; an all-zero tensor gives zeros."""
+    device = _device()
+    q = QType(name)
+    _skip_unless_triton(q, torch.empty(1, device=device))
+    for x in (
+        adversarial((9, 70), torch.float32, 1, specials=True),
+        torch.zeros(5, 33),
+        torch.full((4, 16), -0.0),
+    ):
+        x = x.to(device)
+        assert bitwise_mismatches(fakequant.quant_dequant(x, q, backend="triton"), reference_quant_dequant(x, q)) == 0
+
+
+def test_exact_ties_table():
+    """Hand-worked MX cases (formats.md §1-§2 examples) through the kernel."""
+    device = _device()
+    rows = [
+        # (format, block, expected): each row one block
+        ("e2m1k8b32", [7, 1, 0.3, -0.25, 5.7], [6, 1, 0.5, -0.5, 6]),  # s = 0; -0.25 ties away to -0.5
+        ("e2m1k8b32:round=even", [7, 1, 0.3, -0.25, 5.7], [6, 1, 0.5, -0.0, 6]),  # -0.25 ties to even: -0
+        ("mxfp4", [7, 1, 0.3, -0.25, 5.7], [8, 1, 0, -0.0, 6]),  # 7 has significand 1.75 >= sqrt 2: s = 1
+        ("e0m3k8b32c", [7.8, 1, 0.3, -6.6], [8, 2, 0, -6]),  # 7.8 would round to 8: carry, g = 1
+    ]
+    for name, block, expected in rows:
+        x = torch.tensor(block, dtype=torch.float32, device=device)
+        _skip_unless_triton(QType(name), x)
+        got = fakequant.quant_dequant(x, name, backend="triton")
+        assert bitwise_mismatches(got, torch.tensor(expected, dtype=torch.float32, device=device)) == 0, (name, got)
+
+
+def _golden_cases():
+    cases = torch.load(DATA / "qtype_public.pt", weights_only=True)["cases"]
+    return [c for c in cases if c["kind"] == "quant_dequant"]
+
+
+@pytest.mark.parametrize("family", sorted(QTYPES))
+def test_golden_cases_through_triton(family):
+    device = _device()
+    cases = [c for c in _golden_cases() if QType(c["qtype"]).family == family]
+    if not cases:
+        pytest.skip(f"no golden quant_dequant case for {family}")
+    ran = 0
+    for case in cases:
+        q = QType(case["qtype"]).dim(case["dim"])
+        for key, value in (case.get("mods") or {}).items():
+            q = getattr(q, key)(value)
+        x = case["input"].to(device)
+        impl = dispatch._candidates(q.family, x.device.type).get("triton")
+        if impl is None or not impl.can_run(x, q)[0]:
+            continue
+        got = fakequant.quant_dequant(x, q, backend="triton")
+        assert bitwise_mismatches(got.cpu(), case["expected"]) == 0, (case["qtype"], case.get("tag"))
+        ran += 1
+    if ran == 0:
+        pytest.skip(f"no Triton kernel for {family} yet")
+
+
+def test_launcher_checks_inputs():
+    from fakequant.kernels.triton.mx import quant_dequant_mx
+
+    device = _device()
+    with pytest.raises(TypeError, match="dtype torch.float64 is not supported"):
+        quant_dequant_mx(torch.zeros(4, 32, dtype=torch.float64, device=device), QType("mxfp4"))
+    with pytest.raises(ValueError, match="out of range"):
+        quant_dequant_mx(torch.zeros(4, 32, device=device), QType("mxfp4").dim(2))
+    with pytest.raises(ValueError, match="expected an e<E>m<M>k<K>b<B> QType"):
+        quant_dequant_mx(torch.zeros(4, 32, device=device), QType("hif8"))
+    empty = torch.zeros(0, 32, device=device)
+    assert quant_dequant_mx(empty, QType("mxfp4")).shape == (0, 32)
+
+
+# ---------------------------------------------------------------------------------- self-test refusal
+def _off_by_one_ulp(real):
+    def broken(x, q):
+        y = real(x, q)
+        flat = y.view(-1)
+        finite = torch.isfinite(flat) & (flat != 0)
+        k = int(finite.nonzero()[0])
+        flat[k] = torch.nextafter(flat[k : k + 1].float(), torch.tensor([float("inf")], device=y.device)).to(y.dtype)
+        return y
+
+    return broken
+
+
+@pytest.fixture
+def broken_mx_kernel(monkeypatch):
+    """The Triton MX launcher, off by one ulp in one element; dispatch forgets earlier self-tests."""
+    import fakequant.kernels.triton.mx as mx_kernels
+
+    monkeypatch.setattr(mx_kernels, "quant_dequant_mx", _off_by_one_ulp(mx_kernels.quant_dequant_mx))
+    dispatch.reset_self_tests()
+    yield
+    dispatch.reset_self_tests()
+
+
+def _make_triton_automatic(monkeypatch, device_type):
+    """On CPU the interpreter is explicit-only; let automatic choice consider it for this test."""
+    state = dispatch._STATE
+    impl = state.table[("mx", device_type)]["triton"]
+    monkeypatch.setitem(state.table[("mx", device_type)], "triton",
+                        dispatch.Implementation(impl.backend, impl.family, impl.device_type, impl.fn, impl.check, True))
+    monkeypatch.setitem(state.auto_order, device_type, ["triton"])
+
+
+def test_self_test_refuses_broken_kernel_and_falls_back(broken_mx_kernel, monkeypatch):
+    device = _device()
+    if device == "cpu":
+        _make_triton_automatic(monkeypatch, "cpu")
+    x = adversarial((8, 64), torch.float32, 3).to(device)
+    with pytest.warns(RuntimeWarning, match="failed its self-test"):
+        got = fakequant.quant_dequant(x, "mxfp4")
+    assert bitwise_mismatches(got, reference_quant_dequant(x, QType("mxfp4"))) == 0
+    assert dispatch.select(x, "mxfp4").backend == "torch"
+    assert "REFUSED" in dispatch.describe(file=open(os.devnull, "w"))
+
+
+def test_self_test_refusal_is_an_error_when_explicit(broken_mx_kernel, monkeypatch):
+    x = adversarial((8, 64), torch.float32, 4).to(_device())
+    with pytest.raises(RuntimeError, match="failed its self-test.*differ"):
+        fakequant.quant_dequant(x, "mxfp8e4m3", backend="triton")
+    monkeypatch.setenv("FAKEQUANT_BACKEND", "triton")
+    with pytest.raises(RuntimeError, match="failed its self-test"):
+        fakequant.quant_dequant(x, "mxfp8e4m3")
+
+
+def test_self_test_passes_for_the_real_kernel():
+    dispatch.reset_self_tests()
+    x = torch.randn(4, 64, device=_device())
+    impl = dispatch.select(x, "mxfp4", backend="triton")
+    assert impl.backend == "triton"
+    text = dispatch.describe(file=open(os.devnull, "w"))
+    assert "triton mxfp4" in text and "passed" in text
+
+
+# --------------------------------------------------------------------------------------- GPU, >= 1e8
+GPU_ELEMENTS = 10**8
+
+
+def _gpu_cases(family: str):
+    """(qtype, dtype, dim, shape) cases totalling at least 10^8 elements for ``family``."""
+    names = QTYPES[family]
+    shapes = [((4096, 4099), -1), ((4101, 4096), 0), ((64, 1031, 257), 1), ((2048, 8192), -1)]
+    cases, total, i = [], 0, 0
+    while total < GPU_ELEMENTS:
+        shape, dim = shapes[i % len(shapes)]
+        cases.append((names[i % len(names)], DTYPES[i % 3], dim, shape))
+        total += math.prod(shape)
+        i += 1
+    return cases
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("family", sorted(QTYPES))
+def test_gpu_parity_1e8_elements(family):
+    if not torch.cuda.is_available() or INTERPRETED:
+        pytest.skip("needs a CUDA GPU with compiled (not interpreted) Triton")
+    q0 = QType(QTYPES[family][0])
+    _skip_unless_triton(q0, torch.empty(1, device="cuda"))
+    total = bad_total = 0
+    for k, (name, dtype, dim, shape) in enumerate(_gpu_cases(family)):
+        torch.manual_seed(k)
+        x = _gpu_adversarial(shape, dtype, specials=_special_rate(q0))
+        q = QType(name).dim(dim)
+        got = fakequant.quant_dequant(x, q, backend="triton")
+        want = reference_quant_dequant(x, q)
+        bad = bitwise_mismatches(got, want)
+        total += x.numel()
+        bad_total += bad
+        if bad:
+            print(f"  {family} {name} {DTYPE_IDS[dtype]} {shape} dim={dim}: {bad} mismatches")
+        del x, got, want
+    print(f"GPU parity {family}: {total} elements, {bad_total} mismatches ({torch.cuda.get_device_name()})")
+    assert total >= GPU_ELEMENTS
+    assert bad_total == 0
+
+
+def _gpu_adversarial(shape, dtype, specials=True):
+    """``adversarial`` built on the GPU (same recipe, torch's CUDA generator)."""
+    n = math.prod(shape)
+    dev = "cuda"
+    lo, hi = (-20, 12) if dtype == torch.float16 else (-60, 60)
+    coarse = torch.randint(lo, hi + 1, (n // 8 + 1,), device=dev).repeat_interleave(8)[:n]
+    e = (coarse + torch.randint(-3, 4, (n,), device=dev)).float()
+    kind = torch.randint(0, 4, (n,), device=dev)
+    gauss = torch.randn(n, device=dev)
+    ints = torch.randint(-16, 17, (n,), device=dev).float() / 8
+    halves = torch.randint(-8, 8, (n,), device=dev).float() + 0.5
+    mant = torch.where(kind == 0, gauss, torch.where(kind == 1, ints, torch.where(kind == 2, halves, gauss * 3)))
+    x = mant * torch.exp2(e)
+    u = torch.rand(n, device=dev)
+    sub_lo = {torch.float32: -149, torch.bfloat16: -133, torch.float16: -24}[dtype]
+    sub = torch.randn(n, device=dev) * torch.exp2(torch.randint(sub_lo, sub_lo + 30, (n,), device=dev).float())
+    x = torch.where(u < 0.03, sub, x)
+    x = torch.where((u >= 0.03) & (u < 0.07), 0.0, x)
+    x = torch.where((u >= 0.07) & (u < 0.09), -0.0, x)
+    big = torch.finfo(dtype).max * (0.5 + torch.rand(n, device=dev) / 2)
+    x = torch.where((u >= 0.09) & (u < 0.095), big * torch.sign(gauss), x)
+    if specials:
+        x = torch.where((u >= 0.095) & (u < 0.0965), float("nan"), x)
+        x = torch.where((u >= 0.0965) & (u < 0.0975), float("inf") * torch.sign(gauss), x)
+    return x.to(dtype).reshape(shape)
+
+
+@pytest.mark.cuda
+def test_gpu_self_test_refuses_broken_kernel(broken_mx_kernel):
+    if not torch.cuda.is_available() or INTERPRETED:
+        pytest.skip("needs a CUDA GPU with compiled (not interpreted) Triton")
+    x = torch.randn(64, 256, device="cuda", dtype=torch.bfloat16)
+    with pytest.warns(RuntimeWarning, match="failed its self-test"):
+        got = fakequant.quant_dequant(x, "mxfp8e4m3")
+    assert bitwise_mismatches(got, reference_quant_dequant(x, QType("mxfp8e4m3"))) == 0
