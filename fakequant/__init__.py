@@ -6,7 +6,14 @@ NVFP4, NF4 and any custom ``e<E>m<M>k<K>b<B>`` block format. Start with ``QType`
 
 from .dispatch import quant_dequant
 from .qtype import QType
+from .config import FakeQuantConfig
+from .autograd import quant_attention, quant_baddbmm, quant_bmm, quant_linear, quant_matmul, quant_ste
+from .patch import FakeQuantLinear, PatchReport, patch, patch_functional, unpatch
 
 __version__ = "0.1.0"
 
 __all__ = ["QType", "quant_dequant", "__version__"]
+__all__ += [
+    "FakeQuantConfig", "quant_linear", "quant_matmul", "quant_bmm", "quant_baddbmm", "quant_attention", "quant_ste",
+    "patch", "unpatch", "patch_functional", "FakeQuantLinear", "PatchReport",
+]
