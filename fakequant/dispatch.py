@@ -361,6 +361,9 @@ def describe(file=None) -> str:
 # The Triton kernels: family -> module in fakequant.kernels.triton and its launcher.
 TRITON_KERNELS = {
     "mx": "mx:quant_dequant_mx",
+    "hif8": "hifloat:quant_dequant_hif8",
+    "hif4": "hifloat:quant_dequant_hif4",
+    "hifx": "hifloat:quant_dequant_hifx",
 }
 _TRITON_STATUS: list = []  # [(ok, reason)] once probed
 

@@ -166,6 +166,72 @@ def col_tile(pid, n_row_blocks, L, I, B: tl.constexpr, BP: tl.constexpr, NBLK: t
     return offs, mask
 
 
+@triton.jit
+def row_tile3(pid, n_blocks, n_row_blocks, L, S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr,
+              NBLK: tl.constexpr, EVEN: tl.constexpr, I64: tl.constexpr):
+    """``row_tile`` for blocks of B = S1*S2*S3 elements with a nested layout: a ``[NBLK, S1, S2, S3]`` tile
+    whose element (r, a, b, c) is element (a*S2 + b)*S3 + c of block pid*NBLK + r (HiFX/HiF4: 8 groups of
+    2 quads of 4; tmx: 4 x 2 pairs of 2). Reductions over axes 3, 2, 1 give quad, group and block maxima."""
+    B: tl.constexpr = S1 * S2 * S3
+    blk = pid * NBLK + tl.arange(0, NBLK)[:, None, None, None]  # [NBLK, 1, 1, 1]
+    if I64:
+        blk = blk.to(tl.int64)
+    j = (tl.arange(0, S1)[None, :, None, None] * S2 + tl.arange(0, S2)[None, None, :, None]) * S3 \
+        + tl.arange(0, S3)[None, None, None, :]  # [1, S1, S2, S3]
+    if EVEN:
+        offs = blk * B + j
+        mask = (blk < n_blocks) & (j < B)
+    else:
+        row = blk // n_row_blocks
+        start = (blk - row * n_row_blocks) * B
+        offs = row * L + start + j
+        mask = (blk < n_blocks) & (start + j < L)
+    return offs, mask
+
+
+@triton.jit
+def col_tile3(pid, n_row_blocks, L, I, S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr,
+              NBLK: tl.constexpr, BI: tl.constexpr, I64: tl.constexpr):
+    """``col_tile`` with the nested block layout of ``row_tile3``: a ``[NBLK, S1, S2, S3, BI]`` tile."""
+    B: tl.constexpr = S1 * S2 * S3
+    n_i = tl.cdiv(I, BI)
+    n_l = tl.cdiv(n_row_blocks, NBLK)
+    pi = pid % n_i
+    rest = pid // n_i
+    pl = rest % n_l
+    po = rest // n_l
+    if I64:
+        po = po.to(tl.int64)
+    bl = pl * NBLK + tl.arange(0, NBLK)[:, None, None, None, None]  # [NBLK, 1, 1, 1, 1]
+    j = (tl.arange(0, S1)[None, :, None, None, None] * S2 + tl.arange(0, S2)[None, None, :, None, None]) * S3 \
+        + tl.arange(0, S3)[None, None, None, :, None]  # [1, S1, S2, S3, 1]
+    i = pi * BI + tl.arange(0, BI)[None, None, None, None, :]  # [1, 1, 1, 1, BI]
+    pos = bl * B + j
+    offs = po * L * I + pos * I + i
+    mask = (pos < L) & (i < I)
+    return offs, mask
+
+
+@triton.jit
+def rhaz_small(t, LIMIT: tl.constexpr):
+    """min(RHAZ(t), LIMIT) for float32 t >= 0 (any size, NaN -> garbage the caller masks), LIMIT < 2^22:
+    t is first capped at LIMIT + 1, which does not change the capped result."""
+    return tl.minimum(round_to_int(tl.minimum(t, LIMIT + 1.0), 0, False), LIMIT)
+
+
+@triton.jit
+def bf16_rne(v):
+    """Round positive finite float32 ``v`` to bfloat16 (nearest-even) on the bits; the result as float32."""
+    b = bits_of(v)
+    return float_of((b + 0x7FFF + ((b >> 16) & 1)) & -65536)
+
+
+@triton.jit
+def copysign_plus(mag, x):
+    """``mag`` (>= 0 or NaN) with the sign of ``x + 0`` (so -0 in gives +0): formats.md §0's sign rule."""
+    return float_of(bits_of(mag) | (bits_of(x + 0.0) & -2147483648))
+
+
 # ------------------------------------------------------------------------------------------ launcher helpers
 
 SUPPORTED_DTYPES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -238,10 +304,15 @@ class TilePlan:
 
 
 def plan_tiles(g: Geometry, block: int, block_pow2: int, elem_size: int, interpreted: bool,
-               target_elems: int = 4096) -> TilePlan:
+               target_elems: int = 4096, override: tuple[int, int, int] | None = None) -> TilePlan:
     """Choose tile sizes: about ``target_elems`` elements per program on the GPU (enough bytes in flight per
     SM), one big tile per program under the interpreter (whose cost is per program and per operation)."""
     n_row_blocks = -(-g.length // block)
+    if override is not None:  # (nblk, bi, num_warps), for benchmark sweeps
+        nblk, bi, warps = override
+        if g.inner == 1:
+            return TilePlan(False, nblk, 1, warps, -(-(g.outer * n_row_blocks) // nblk))
+        return TilePlan(True, nblk, bi, warps, g.outer * -(-n_row_blocks // nblk) * -(-g.inner // bi))
     if interpreted:
         target_elems = 1 << 16
     if g.inner == 1:

@@ -20,7 +20,7 @@ import triton.language as tl
 
 from ...qtype import QType
 from ._common import (
-    FLT_MAX, bits_of, cast_out, check_input, col_tile, exponent_and_fraction, float_of, geometry,
+    FLT_MAX, bits_of, cast_out, check_input, col_tile, copysign_plus, exponent_and_fraction, float_of, geometry,
     is_interpreted, load_f32, next_pow2, out_kind, saturation, plan_tiles, pow2, round_to_int, row_tile,
 )
 
@@ -83,8 +83,7 @@ def _mx_tile(x, EMAX: tl.constexpr, EMIN: tl.constexpr, MBITS: tl.constexpr, IS_
             q = tl.where(a == float("inf"), float("nan"), q)  # the reference's inf / inf (E = 8)
     # q * 2^s beyond the output dtype's range saturates; NaN (NaN blocks) propagates through the clamp
     out = tl.minimum(q * scale, SAT, propagate_nan=tl.PropagateNan.ALL)
-    # sign from the input: x + 0 turns -0 into +0 (formats.md §0: ±0 in gives +0)
-    return float_of(bits_of(out) | (bits_of(x + 0.0) & -2147483648))
+    return copysign_plus(out, x)  # sign from the input; -0 in gives +0 (formats.md §0)
 
 
 @triton.jit
@@ -147,8 +146,11 @@ def mx_constants(q: QType) -> dict:
     )
 
 
-def quant_dequant_mx(x: torch.Tensor, q: QType) -> torch.Tensor:
-    """``e<E>m<M>k<K>b<B>[c]`` of ``x`` along ``q.q_dim``; same shape and dtype out (formats.md §1, §2)."""
+def quant_dequant_mx(x: torch.Tensor, q: QType, tile: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """``e<E>m<M>k<K>b<B>[c]`` of ``x`` along ``q.q_dim``; same shape and dtype out (formats.md §1, §2).
+
+    ``tile=(blocks per tile, columns per tile, warps)`` overrides the tile plan (benchmark sweeps).
+    """
     if q.family != "mx":
         raise ValueError(f"quant_dequant_mx: expected an e<E>m<M>k<K>b<B> QType, got {q.desc!r} ({q.family})")
     x = check_input(x, q.q_dim, "quant_dequant_mx")
@@ -159,7 +161,7 @@ def quant_dequant_mx(x: torch.Tensor, q: QType) -> torch.Tensor:
     block = q.blk_size
     bp = next_pow2(block)
     interp = is_interpreted(x)
-    plan = plan_tiles(g, block, bp, x.element_size(), interp)
+    plan = plan_tiles(g, block, bp, x.element_size(), interp, override=tile)
     n_row_blocks = -(-g.length // block)
     _mx_kernel[(plan.grid,)](
         x, y, g.outer * n_row_blocks, n_row_blocks, g.length, g.inner,

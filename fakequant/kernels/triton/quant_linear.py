@@ -1,0 +1,291 @@
+"""Fused 4-bit-weight linear: ``Y = X · dequant(W)ᵀ (+ b)`` with W stored as packed E2M1 codes + block scales.
+
+Used by ``fakequant.nn.QuantLinear``'s ``triton`` backend. Each program loads a tile of activations and the
+packed weight tile (two codes per byte, one scale byte per block of 32 or 16), decodes the weight to bf16 in
+registers and feeds the tensor cores (``tl.dot``, bf16 operands, float32 accumulation); the dequantized
+weight never touches global memory, so a decode-sized batch moves ~4.25 bits per weight instead of 16.
+
+Weight encodings (``fakequant.packing``): codes ``[N, ceil(K/2)]`` uint8, element 2k in the low nibble;
+scales ``[N, ceil(K/BLK)]`` uint8, E8M0 (MX, BLK = 32 or any even size dividing BLOCK_K) or E4M3 (NVFP4,
+BLK = 16, with an optional per-tensor encode scale g: w = q·S/g).
+
+Order (as the Triton tutorials): jit helpers and the kernel with its arguments commented, the tile
+configurations, the launcher that checks its inputs and picks a configuration.
+
+Public: ``quant_linear`` (the launcher), ``CONFIGS_SMALL_M``, ``CONFIGS_LARGE_M``, ``tuned_config``.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+__all__ = ["quant_linear", "TileConfig", "CONFIGS_SMALL_M", "CONFIGS_LARGE_M", "tuned_config"]
+
+
+# ----------------------------------------------------------------------------------------------- jit helpers
+@triton.jit
+def _e2m1_to_f32(code):
+    """Float32 value of 4-bit E2M1 codes (int32, 0..15). The code's low 3 bits shifted into an fp16's exponent
+    and mantissa fields give 2^(e-15)·(1 + m/2) (e ≥ 1) or m·2^-15 (e = 0, an fp16 subnormal, exact); times
+    2^14 that is the E2M1 value. The sign bit moves to bit 15."""
+    bits = ((code & 7) << 9) | ((code & 8) << 12)
+    return bits.to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32) * 16384.0
+
+
+@triton.jit
+def _e8m0_to_f32(b):
+    """2^(b - 127) for E8M0 bytes (int32): the byte is the float32 exponent field; byte 0 is the subnormal
+    2^-127 and byte 255 NaN (OCP)."""
+    bits = tl.where(b == 0, 0x00400000, b << 23)
+    bits = tl.where(b == 255, 0x7FC00000, bits)
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _e4m3_to_f32(b):
+    """OCP E4M3FN bytes (int32) as float32: exponent bias 7 re-biased to 127, subnormals m·2^-9, 0x7F NaN."""
+    e = (b >> 3) & 0xF
+    m = b & 7
+    normal = (((e + 120) << 23) | (m << 20)).to(tl.float32, bitcast=True)
+    value = tl.where(e == 0, m.to(tl.float32) * 0.001953125, normal)
+    value = tl.where((b & 0x7F) == 0x7F, float("nan"), value)
+    return tl.where((b & 0x80) != 0, -value, value)
+
+
+# ---------------------------------------------------------------------------------------------------- kernel
+@triton.jit
+def _quant_linear_kernel(
+    x_ptr,  # [M, K] activations (bf16 / fp16 / fp32), row-major, contiguous
+    codes_ptr,  # [N, KC] uint8, KC = ceil(K / 2): two E2M1 codes per byte, element 2k in the low nibble
+    scales_ptr,  # [N, KS] uint8, KS = ceil(K / BLK): one E8M0 or E4M3 byte per block of BLK along K
+    gscale_ptr,  # [1] float32 per-tensor encode scale g (w = q·S/g); read only when DIV_G
+    bias_ptr,  # [N] bias in the output dtype; read only when HAS_BIAS
+    y_ptr,  # [M, N] output (x's dtype), or float32 when ATOMIC (split-K partial sums added in place)
+    M, N, K, KC, KS,
+    stride_xm, stride_cn, stride_sn, stride_ym,
+    BLK: tl.constexpr,  # scale block length along K (32 MX, 16 NVFP4); divides BLOCK_K
+    E4M3: tl.constexpr,  # scale bytes are E4M3 (NVFP4) instead of E8M0 (MX)
+    DIV_G: tl.constexpr,  # divide the decoded weight by the per-tensor scale g (nvfp4)
+    HAS_BIAS: tl.constexpr,
+    ATOMIC: tl.constexpr,  # split-K: add float32 partial sums into y with atomics (y pre-zeroed)
+    SPLIT_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    # Program ids: tiles of Y in grouped order (GROUP_M rows of tiles share weight tiles in L2), and the
+    # K slice of a split-K program.
+    pid = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_n
+    first_m = (pid // group) * GROUP_M
+    group_m = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + ((pid % group) % group_m)
+    pid_n = (pid % group) // group_m
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    HALF_K: tl.constexpr = BLOCK_K // 2
+    NB_K: tl.constexpr = BLOCK_K // BLK
+    k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+    k_start = pid_k * k_per_split
+    k_end = min(k_start + k_per_split, K)
+    if DIV_G:
+        g = tl.load(gscale_ptr)
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_start, k_end, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                    mask=mask_m[:, None] & (offs_k[None, :] < K), other=0.0)
+        offs_c = k0 // 2 + tl.arange(0, HALF_K)
+        c = tl.load(codes_ptr + offs_n[:, None] * stride_cn + offs_c[None, :],
+                    mask=mask_n[:, None] & (offs_c[None, :] < KC), other=0).to(tl.int32)
+        offs_s = k0 // BLK + tl.arange(0, NB_K)
+        sb = tl.load(scales_ptr + offs_n[:, None] * stride_sn + offs_s[None, :],
+                     mask=mask_n[:, None] & (offs_s[None, :] < KS), other=127).to(tl.int32)
+        # [BN, BK/2] bytes -> [BN, BK] codes: join puts (low, high) last, so the reshape interleaves them.
+        code = tl.reshape(tl.join(c & 0xF, c >> 4), (BLOCK_N, BLOCK_K))
+        if E4M3:
+            scale = _e4m3_to_f32(sb)
+        else:
+            scale = _e8m0_to_f32(sb)
+        w = tl.reshape(_e2m1_to_f32(code), (BLOCK_N, NB_K, BLK)) * scale[:, :, None]
+        w = tl.reshape(w, (BLOCK_N, BLOCK_K))
+        if DIV_G:
+            w = w / g
+        acc = tl.dot(x.to(tl.bfloat16), tl.trans(w.to(tl.bfloat16)), acc)
+
+    if HAS_BIAS:
+        if pid_k == 0:
+            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
+    mask = mask_m[:, None] & mask_n[None, :]
+    if ATOMIC:
+        tl.atomic_add(y_ptrs, acc, mask=mask, sem="relaxed")
+    else:
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
+# --------------------------------------------------------------------------------------------------- configs
+class TileConfig(NamedTuple):
+    block_m: int
+    block_n: int
+    block_k: int
+    split_k: int
+    num_warps: int
+    num_stages: int
+    group_m: int = 8
+
+
+# Decode-sized batches (M <= 16) are bound by reading the weight: small N tiles and split-K spread the
+# packed bytes over every multiprocessor with several loads in flight each.
+CONFIGS_SMALL_M = [
+    TileConfig(16, 16, 256, 1, 4, 4),
+    TileConfig(16, 32, 256, 1, 4, 4),
+    TileConfig(16, 64, 256, 1, 4, 4),
+    TileConfig(16, 32, 512, 1, 4, 3),
+    TileConfig(16, 64, 128, 2, 4, 4),
+    TileConfig(16, 32, 256, 2, 4, 4),
+    TileConfig(16, 64, 256, 4, 4, 4),
+    TileConfig(16, 128, 256, 4, 4, 3),
+    TileConfig(16, 64, 512, 2, 4, 3),
+]
+# Large batches are bound by the tensor cores: big tiles, the decode amortised over BLOCK_M rows.
+CONFIGS_LARGE_M = [
+    TileConfig(128, 128, 64, 1, 8, 4),
+    TileConfig(128, 256, 64, 1, 8, 3),
+    TileConfig(128, 128, 128, 1, 8, 3),
+    TileConfig(128, 256, 128, 1, 8, 2),
+    TileConfig(256, 128, 64, 1, 8, 3),
+    TileConfig(64, 256, 64, 1, 4, 4),
+    TileConfig(128, 64, 128, 1, 4, 4),
+    TileConfig(64, 128, 128, 1, 4, 4),
+]
+# Medium batches: in between.
+CONFIGS_MEDIUM_M = [
+    TileConfig(64, 64, 128, 1, 4, 4),
+    TileConfig(64, 128, 128, 1, 4, 4),
+    TileConfig(32, 64, 256, 1, 4, 4),
+    TileConfig(64, 64, 256, 2, 4, 3),
+    TileConfig(128, 128, 64, 1, 8, 4),
+]
+# Under TRITON_INTERPRET=1 (CPU tests) one small configuration, no tuning.
+_INTERPRET_CONFIG = TileConfig(16, 16, 64, 1, 4, 1, 2)
+
+_TUNED: dict[tuple, TileConfig] = {}
+
+
+def _m_bucket(m: int) -> int:
+    return 16 if m <= 16 else 64 if m <= 64 else 256 if m <= 256 else 4096
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _launch(cfg: TileConfig, x, codes, scales, gscale, bias, K, blk, e4m3, out_dtype) -> torch.Tensor:
+    M, N = x.shape[0], codes.shape[0]
+    atomic = cfg.split_k > 1
+    y = torch.zeros((M, N), device=x.device, dtype=torch.float32) if atomic else torch.empty(
+        (M, N), device=x.device, dtype=out_dtype)
+    grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), cfg.split_k)
+    dummy = codes  # any pointer for the unused arguments
+    _quant_linear_kernel[grid](
+        x, codes, scales, gscale if gscale is not None else dummy, bias if bias is not None else dummy, y,
+        M, N, K, codes.shape[1], scales.shape[1],
+        x.stride(0), codes.stride(0), scales.stride(0), y.stride(0),
+        BLK=blk, E4M3=e4m3, DIV_G=gscale is not None, HAS_BIAS=bias is not None, ATOMIC=atomic,
+        SPLIT_K=cfg.split_k, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+    return y.to(out_dtype) if atomic else y
+
+
+def _candidates(m: int, k: int, blk: int) -> list[TileConfig]:
+    pool = CONFIGS_SMALL_M if m <= 16 else CONFIGS_MEDIUM_M if m <= 256 else CONFIGS_LARGE_M
+    return [c for c in pool if c.block_k % blk == 0 and c.block_k <= max(64, triton.next_power_of_2(k))]
+
+
+def tuned_config(key: tuple) -> TileConfig | None:
+    """The configuration chosen for a ``(m_bucket, N, K, blk, e4m3, dtype)`` key, if one was tuned."""
+    return _TUNED.get(key)
+
+
+def quant_linear(
+    x: torch.Tensor,
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    *,
+    block: int,
+    e4m3: bool = False,
+    tensor_scale: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    config: TileConfig | None = None,
+) -> torch.Tensor:
+    """``x · dequant(codes, scales)ᵀ (+ bias)`` for ``x`` ``[M, K]``, codes ``[N, ceil(K/2)]`` uint8, scales
+    ``[N, ceil(K/block)]`` uint8 (E8M0, or E4M3 with ``e4m3=True``), optional nvfp4 ``tensor_scale`` g
+    (weight = q·S/g). Returns ``[M, N]`` in x's dtype; products in bf16, sums in float32.
+
+    The first call for a shape bucket times the candidate tile configurations and keeps the fastest
+    (``config`` forces one); under ``TRITON_INTERPRET=1`` a single small configuration is used.
+    """
+    if x.dim() != 2:
+        raise ValueError(f"quant_linear kernel: x must be 2-D [M, K], got shape {tuple(x.shape)}")
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise TypeError(f"quant_linear kernel: x must be bfloat16, float16 or float32, got {x.dtype}")
+    if codes.dtype != torch.uint8 or scales.dtype != torch.uint8:
+        raise TypeError(f"quant_linear kernel: codes and scales must be uint8, got {codes.dtype}, {scales.dtype}")
+    M, K = x.shape
+    N = codes.shape[0]
+    if codes.shape != (N, (K + 1) // 2) or scales.shape != (N, -(-K // block)):
+        raise ValueError(
+            f"quant_linear kernel: for x {tuple(x.shape)} and block {block} expected codes ({N}, {(K + 1) // 2}) "
+            f"and scales ({N}, {-(-K // block)}), got {tuple(codes.shape)} and {tuple(scales.shape)}"
+        )
+    if block % 2 or 64 % block:
+        raise ValueError(f"quant_linear kernel: scale block {block} must be an even divisor of 64")
+    devices = {t.device for t in (x, codes, scales, tensor_scale, bias) if t is not None}
+    if len(devices) != 1:
+        raise ValueError(f"quant_linear kernel: all tensors must be on one device, got {sorted(map(str, devices))}")
+    if bias is not None and (bias.shape != (N,) or bias.dtype != x.dtype):
+        raise ValueError(f"quant_linear kernel: bias must be ({N},) of dtype {x.dtype}")
+    x = x.contiguous()
+    codes, scales = codes.contiguous(), scales.contiguous()
+    gscale = None if tensor_scale is None else tensor_scale.reshape(1).to(torch.float32).contiguous()
+    if M == 0:
+        return torch.empty((0, N), device=x.device, dtype=x.dtype)
+    if config is None:
+        if _interpreting() or x.device.type != "cuda":
+            config = _INTERPRET_CONFIG
+        else:
+            key = (_m_bucket(M), N, K, block, e4m3, x.dtype, bias is not None)
+            config = _TUNED.get(key)
+            if config is None:
+                config = _tune(key, x, codes, scales, gscale, bias, K, block, e4m3)
+    return _launch(config, x, codes, scales, gscale, bias, K, block, e4m3, x.dtype)
+
+
+def _tune(key, x, codes, scales, gscale, bias, K, block, e4m3) -> TileConfig:
+    """Time each candidate once (median of a short ``do_bench``) and keep the fastest for ``key``."""
+    best, best_ms = None, float("inf")
+    for cfg in _candidates(x.shape[0], K, block):
+        try:
+            ms = triton.testing.do_bench(
+                lambda: _launch(cfg, x, codes, scales, gscale, bias, K, block, e4m3, x.dtype),
+                warmup=5, rep=20, return_mode="median")
+        except Exception:  # noqa: BLE001 -- a configuration that does not compile or fit is skipped
+            continue
+        if ms < best_ms:
+            best, best_ms = cfg, ms
+    if best is None:
+        raise RuntimeError(f"quant_linear kernel: no tile configuration ran for {key}")
+    _TUNED[key] = best
+    return best
