@@ -75,6 +75,7 @@ def _quant_linear_kernel(
     ATOMIC: tl.constexpr,  # split-K: add float32 partial sums into y with atomics (y pre-zeroed)
     SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    INTERPRET: tl.constexpr,  # running under TRITON_INTERPRET=1
 ):
     # Program ids: tiles of Y in grouped order (GROUP_M rows of tiles share weight tiles in L2), and the
     # K slice of a split-K program.
@@ -110,7 +111,7 @@ def _quant_linear_kernel(
                     mask=mask_n[:, None] & (offs_c[None, :] < KC), other=0).to(tl.int32)
         offs_s = k0 // BLK + tl.arange(0, NB_K)
         sb = tl.load(scales_ptr + offs_n[:, None] * stride_sn + offs_s[None, :],
-                     mask=mask_n[:, None] & (offs_s[None, :] < KS), other=127).to(tl.int32)
+                     mask=mask_n[:, None] & (offs_s[None, :] < KS), other=0).to(tl.int32)
         # [BN, BK/2] bytes -> [BN, BK] codes: join puts (low, high) last, so the reshape interleaves them.
         code = tl.reshape(tl.join(c & 0xF, c >> 4), (BLOCK_N, BLOCK_K))
         if E4M3:
@@ -121,7 +122,12 @@ def _quant_linear_kernel(
         w = tl.reshape(w, (BLOCK_N, BLOCK_K))
         if DIV_G:
             w = w / g
-        acc = tl.dot(x.to(tl.bfloat16), tl.trans(w.to(tl.bfloat16)), acc)
+        if INTERPRET:
+            # The CPU interpreter's bf16 dot is wrong (triton 3.x); round the operands to bf16 and let the
+            # float32 dot (numpy, exact products) stand in for the tensor cores.
+            acc = tl.dot(x.to(tl.bfloat16).to(tl.float32), tl.trans(w.to(tl.bfloat16).to(tl.float32)), acc)
+        else:
+            acc = tl.dot(x.to(tl.bfloat16), tl.trans(w.to(tl.bfloat16)), acc)
 
     if HAS_BIAS:
         if pid_k == 0:
@@ -204,7 +210,7 @@ def _launch(cfg: TileConfig, x, codes, scales, gscale, bias, K, blk, e4m3, out_d
         x.stride(0), codes.stride(0), scales.stride(0), y.stride(0),
         BLK=blk, E4M3=e4m3, DIV_G=gscale is not None, HAS_BIAS=bias is not None, ATOMIC=atomic,
         SPLIT_K=cfg.split_k, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        INTERPRET=_interpreting(), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return y.to(out_dtype) if atomic else y
 
