@@ -58,18 +58,19 @@ _EXACT_CASTS = {
 
 
 class GemmPlan(NamedTuple):
-    """The QType (axis set) of each operand of each GEMM of ``C = A·B``; ``None`` = high precision.
+    """The format of each operand of each GEMM of ``C = A·B``: a canonical QType string with its axis
+    (``"mxfp4:dim=-2"``), or ``None`` = high precision. Strings keep the plan a constant for torch.compile.
 
     A: [..., M, K] (role ``input``), B: [..., K, N] (role ``weight``), dC: [..., M, N] (``grad_output``).
     For a linear layer A = X and B = Wᵀ with W stored as [N, K], so B's axes are given on W.
     """
 
-    a_fprop: QType | None
-    b_fprop: QType | None
-    g_dgrad: QType | None
-    b_dgrad: QType | None
-    g_wgrad: QType | None
-    a_wgrad: QType | None
+    a_fprop: str | None
+    b_fprop: str | None
+    g_dgrad: str | None
+    b_dgrad: str | None
+    g_wgrad: str | None
+    a_wgrad: str | None
 
 
 _PLAN_ROLES = GemmPlan(
@@ -88,8 +89,8 @@ _PLAN_AXES = {
 }
 
 
-def _axis(q: QType | None, axis: int) -> QType | None:
-    return None if q is None else q.dim(axis)
+def _axis(q: QType | None, axis: int) -> str | None:
+    return None if q is None else str(q.dim(axis))
 
 
 @functools.lru_cache(maxsize=256)
@@ -108,10 +109,10 @@ class AttentionPlan(NamedTuple):
     full per-GEMM plan (dS, the gradient of the scores, stays in high precision).
     """
 
-    query: QType | None
-    key: QType | None
-    value: QType | None
-    grad_attn_output: QType | None
+    query: str | None
+    key: str | None
+    value: str | None
+    grad_attn_output: str | None
     scores: GemmPlan | None
     context: GemmPlan | None
 
@@ -136,14 +137,30 @@ def attention_plan(config: FakeQuantConfig) -> AttentionPlan:
 
 
 # ------------------------------------------------------------------------------------------- helpers
-def _q(x: Tensor, q: QType | None) -> Tensor:
-    """Fake-quantize ``x`` with ``q`` (axis already set); ``None`` and exact casts return ``x`` itself."""
-    if q is None or (q.family == "cast" and x.dtype in _EXACT_CASTS.get(q.name, ())):
+def _q(x: Tensor, q: str | None) -> Tensor:
+    """Fake-quantize ``x`` with format ``q`` (axis included); ``None`` and exact casts return ``x`` itself."""
+    if q is None or x.dtype in _EXACT_CASTS.get(q.split(":", 1)[0], ()):
         return x
-    y = quant_dequant(x, q)
-    # Keep a contiguous input's layout: GEMM and SDPA kernels choose their path by stride, and a strided
-    # view into a padded buffer would also keep the padding alive.
-    return y.contiguous() if x.is_contiguous() else y
+    return torch.ops.fakequant.gemm_operand_qdq(x, q)
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse(desc: str) -> QType:
+    return QType(desc)
+
+
+# ``quant_dequant`` as one opaque op, so that torch.compile traces the autograd functions without a graph
+# break and runs the quantizer (whichever backend dispatch picks) exactly as in eager mode.
+@torch.library.custom_op("fakequant::gemm_operand_qdq", mutates_args=())
+def _gemm_operand_qdq(x: Tensor, qtype: str) -> Tensor:
+    # Contiguous: GEMM and SDPA kernels choose their path by stride, and a strided view into a padded
+    # buffer would keep the padding alive.
+    return quant_dequant(x, _parse(qtype)).contiguous()
+
+
+@_gemm_operand_qdq.register_fake
+def _(x: Tensor, qtype: str) -> Tensor:
+    return torch.empty(x.shape, dtype=x.dtype, device=x.device)
 
 
 def _autocast_cast(*tensors: Tensor | None) -> tuple[tuple[Tensor | None, ...], str | None]:
@@ -404,7 +421,7 @@ class _QuantSTE(torch.autograd.Function):
     # y = Q_fwd(x); dx = Q_bwd(dy) (or dy unchanged): the straight-through estimator of one tensor.
 
     @staticmethod
-    def forward(ctx, x: Tensor, fwd: QType | None, bwd: QType | None) -> Tensor:
+    def forward(ctx, x: Tensor, fwd: str | None, bwd: str | None) -> Tensor:
         ctx.bwd = bwd
         y = _q(x, fwd)
         return x.view_as(x) if y is x else y
@@ -425,11 +442,13 @@ def quant_ste(x: Tensor, forward: QType | str | None, backward: QType | str | No
     return _QuantSTE.apply(x, fwd, bwd)
 
 
-def _as_qtype(q: QType | str | None, name: str) -> QType | None:
-    if q is None or isinstance(q, QType):
-        return q
+def _as_qtype(q: QType | str | None, name: str) -> str | None:
+    if q is None:
+        return None
+    if isinstance(q, QType):
+        return str(q)
     if isinstance(q, str):
-        return QType(q)
+        return str(QType(q))
     raise TypeError(f"{name} format must be a QType, a format string or None, got {type(q).__name__}")
 
 

@@ -323,11 +323,11 @@ def test_explicit_attention_quantizes_every_operand_of_every_gemm():
 
 def test_attention_plans_follow_the_gemm_table():
     plan = attention_plan(ATTN_CFG)
-    assert (plan.query.q_dim, plan.key.q_dim, plan.value.q_dim, plan.grad_attn_output.q_dim) == (-1, -1, -2, -1)
-    assert plan.scores is None
+    axes = [QType(f).q_dim for f in (plan.query, plan.key, plan.value, plan.grad_attn_output)]
+    assert axes == [-1, -1, -2, -1] and plan.scores is None
     explicit = attention_plan(ATTN_CFG.replace(attn_probs="mxfp4"))
-    assert explicit.query is None and explicit.context.a_fprop == QType("mxfp4").dim(-1)
-    assert explicit.context.a_wgrad == QType("mxfp4").dim(-2)
+    assert explicit.query is None and QType(explicit.context.a_fprop) == QType("mxfp4").dim(-1)
+    assert QType(explicit.context.a_wgrad) == QType("mxfp4").dim(-2)
 
 
 # ------------------------------------------------------------------------------------- STE, dtypes, memory
@@ -458,9 +458,9 @@ def test_bad_arguments_raise_clear_errors():
 
 def test_gemm_plans_follow_the_gemm_table():
     lin = gemm_plan(OVERRIDES_CFG, "linear")
-    assert [q.q_dim for q in lin] == [-1, -1, -1, -2, -2, -2]
-    assert lin.b_dgrad == QType("mxfp6e3m2").dim(-2) and lin.a_wgrad == QType("mxfp6e2m3").dim(-2)
+    assert [QType(q).q_dim for q in lin] == [-1, -1, -1, -2, -2, -2]
+    assert QType(lin.b_dgrad) == QType("mxfp6e3m2").dim(-2) and QType(lin.a_wgrad) == QType("mxfp6e2m3").dim(-2)
     mm = gemm_plan(OVERRIDES_CFG, "matmul")
-    assert [q.q_dim for q in mm] == [-1, -2, -1, -1, -2, -2]
+    assert [QType(q).q_dim for q in mm] == [-1, -2, -1, -1, -2, -2]
     ref = gemm_plan(OVERRIDES_CFG.replace(fidelity="reference"), "linear")
-    assert [q.q_dim for q in ref] == [-1] * 6
+    assert [QType(q).q_dim for q in ref] == [-1] * 6
