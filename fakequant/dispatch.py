@@ -364,6 +364,11 @@ TRITON_KERNELS = {
     "hif8": "hifloat:quant_dequant_hif8",
     "hif4": "hifloat:quant_dequant_hif4",
     "hifx": "hifloat:quant_dequant_hifx",
+    "tmx": "tmx:quant_dequant_tmx",
+    "nvf4": "nvfp:quant_dequant_nvf4",
+    "nvfp4": "nvfp:quant_dequant_nvfp4",
+    "nf4": "nf4:quant_dequant_nf4",
+    "int8sym": "intq:quant_dequant_int8sym",
 }
 _TRITON_STATUS: list = []  # [(ok, reason)] once probed
 

@@ -50,7 +50,7 @@ QTYPES = {
     ],
     "mx_hier": ["e2m1K1k3B2b16off20", "e4m3K2k4B4b8c", "e0m3K1k2B2b16c"],
     "hifx": ["hifx2_v12", "hifx3_v12", "hifx4_v12", "hifx5_v12"],
-    "tmx": ["tmx3", "tmx6", "tmx12"],
+    "tmx": ["tmx3", "tmx6", "tmx12", "tmx25"],
     "hif8": ["hif8", "hif8:saturate=false"],
     "hif4": ["hif4"],
     "nvf4": ["nvf4"],
@@ -164,9 +164,64 @@ def test_per_tensor_specials_exact(family, name):
         adversarial((9, 70), torch.float32, 1, specials=True),
         torch.zeros(5, 33),
         torch.full((4, 16), -0.0),
+        torch.randn(6, 48),
     ):
         x = x.to(device)
         assert bitwise_mismatches(fakequant.quant_dequant(x, q, backend="triton"), reference_quant_dequant(x, q)) == 0
+
+
+# Small tiles: many programs per launch, partial tiles at every edge (the interpreter otherwise runs one
+# big tile). (family, qtype, launcher, tiles to try as (blocks or rows, columns or chunk, warps)).
+SMALL_TILES = [
+    ("mx", "mxfp8e4m3", "mx:quant_dequant_mx", [(2, 4, 4), (4, 2, 4)]),
+    ("mx", "e4m3k8b24:scale=rceil", "mx:quant_dequant_mx", [(2, 4, 4), (1, 8, 4)]),
+    ("hif8", "hif8", "hifloat:quant_dequant_hif8", [(64, 1, 4)]),
+    ("hif4", "hif4", "hifloat:quant_dequant_hif4", [(2, 4, 4)]),
+    ("hifx", "hifx4_v12", "hifloat:quant_dequant_hifx", [(2, 4, 4)]),
+    ("tmx", "tmx5", "tmx:quant_dequant_tmx", [(2, 4, 4)]),
+    ("nvf4", "nvf4", "nvfp:quant_dequant_nvf4", [(2, 4, 4)]),
+    ("nvfp4", "nvfp4", "nvfp:quant_dequant_nvfp4", [(2, 4, 4)]),
+    ("nf4", "nf4", "nf4:quant_dequant_nf4", [(2, 4, 4)]),
+    ("int8sym", "int8sym", "intq:quant_dequant_int8sym", [(2, 16, 4), (4, 32, 4)]),  # chunked: two walks
+]
+
+
+@pytest.mark.parametrize("family,name,launcher,tiles", SMALL_TILES, ids=[t[1] for t in SMALL_TILES])
+def test_small_tiles_many_programs_exact(family, name, launcher, tiles):
+    import importlib
+
+    device = _device()
+    module, func = launcher.split(":")
+    fn = getattr(importlib.import_module(f"fakequant.kernels.triton.{module}"), func)
+    for dtype in (torch.float32, torch.bfloat16):
+        for shape, dim in (((7, 203), -1), ((203, 9), 0), ((3, 150, 5), 1)):
+            x = adversarial(shape, dtype, seed=zlib.crc32(f"tiles/{name}/{shape}".encode()),
+                            specials=family != "nvfp4").to(device)
+            q = QType(name).dim(dim)
+            want = reference_quant_dequant(x, q)
+            for tile in tiles:
+                got = fn(x, q, tile=tile)
+                bad = bitwise_mismatches(got, want)
+                assert bad == 0, f"{name} {DTYPE_IDS[dtype]} {shape} dim={dim} tile={tile}: {bad} differ"
+
+
+def test_nvfp4_fast_and_exact_quotient_paths():
+    """nvfp4's fl32(q*S/g): the per-block shortcut (ordinary data) and the per-element division (tiles with a
+    block whose quotients leave the normal range: tiny blocks next to a huge one) both match."""
+    device = _device()
+    q = QType("nvfp4")
+    _skip_unless_triton(q, torch.empty(1, device=device))
+    g = torch.Generator().manual_seed(7)
+    plain = torch.randn(64, 96, generator=g)
+    wide = plain.clone()
+    wide[0, :16] *= 2.0**100
+    wide[5, 16:32] *= 2.0**-60
+    wide[9, :] *= 2.0**-120
+    for x in (plain, wide, plain * 2.0**-126, plain.bfloat16(), wide.bfloat16()):
+        x = x.to(device)
+        for dim in (-1, 0):
+            assert bitwise_mismatches(fakequant.quant_dequant(x, q.dim(dim), backend="triton"),
+                                      reference_quant_dequant(x, q.dim(dim))) == 0
 
 
 def test_exact_ties_table():

@@ -214,7 +214,7 @@ def col_tile3(pid, n_row_blocks, L, I, S1: tl.constexpr, S2: tl.constexpr, S3: t
 
 @triton.jit
 def rhaz_small(t, LIMIT: tl.constexpr):
-    """min(RHAZ(t), LIMIT) for float32 t >= 0 (any size, NaN -> garbage the caller masks), LIMIT < 2^22:
+    """min(RHAZ(t), LIMIT) for float32 t >= 0 (any size; NaN gives garbage the caller masks), LIMIT < 2^23:
     t is first capped at LIMIT + 1, which does not change the capped result."""
     return tl.minimum(round_to_int(tl.minimum(t, LIMIT + 1.0), 0, False), LIMIT)
 

@@ -1,0 +1,91 @@
+"""NF4 (QLoRA NormalFloat4, blocks of 64) on Triton (``shared/spec/formats.md`` §9), bit-exact with
+``fakequant.formats.nf4.quant_dequant_nf4``.
+
+One program holds whole 64-blocks as a ``[NBLK, 64]`` tile (axis -1) or ``[NBLK, 64, BI]`` (other axes).
+Per element: w = fl32(x * -fl32(1/A)); the code index is 15 - #{-t_i <= w} (NaN w counts every threshold,
+as the reference's bucketize does), found by a 4-step binary search in a 16-entry table; the result is
+fl32(c * A).
+
+Order as in the Triton tutorials: per-tile math, kernel, launcher. Public: ``quant_dequant_nf4``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import triton
+import triton.language as tl
+
+from ...formats.nf4 import NF4_CODES, NF4_THRESHOLDS
+from ...qtype import QType
+from ._common import (
+    bits_of, cast_out, check_input, col_tile, float_of, geometry, is_interpreted, load_f32, out_kind,
+    plan_tiles, row_tile,
+)
+
+__all__ = ["quant_dequant_nf4"]
+
+
+@triton.jit
+def _nf4_tile(x, thr_ptr, code_ptr):
+    """``thr_ptr``: the 15 negated thresholds ascending, then NaN; ``code_ptr``: the code with each count."""
+    ab = bits_of(x) & 0x7FFFFFFF
+    amax_b = tl.max(ab, axis=1, keep_dims=True)
+    amax = float_of(amax_b)
+    inv = tl.div_rn(1.0, tl.where(amax > 0, amax, 1.0))
+    w = x * -inv
+    count = tl.zeros(x.shape, tl.int32)
+    for step in tl.static_range(4):
+        half: tl.constexpr = 8 >> step
+        thr = tl.load(thr_ptr + count + (half - 1))
+        count = tl.where(thr <= w, count + half, count)
+    count = tl.where(w != w, 15, count)  # NaN (0 * inf for blocks with A < 2^-128) counts every threshold
+    code = tl.load(code_ptr + count)
+    a_mul = tl.where(amax_b < 0x7F800000, amax, float("nan"))  # a block with NaN/inf is NaN
+    return code * a_mul
+
+
+@triton.jit
+def _nf4_kernel(
+    x_ptr, y_ptr, thr_ptr, code_ptr,  # input, output (same dtype, contiguous), the two 16-entry tables
+    n_blocks, n_row_blocks, L, I,  # blocks in all (row mode); 64-blocks per slice; axis length; inner size
+    NBLK: tl.constexpr, BI: tl.constexpr, COL: tl.constexpr, EVEN: tl.constexpr, I64: tl.constexpr,
+    OUT_KIND: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    if COL:
+        offs, mask = col_tile(pid, n_row_blocks, L, I, 64, 64, NBLK, BI, I64)
+    else:
+        offs, mask = row_tile(pid, n_blocks, n_row_blocks, L, 64, 64, NBLK, EVEN, I64)
+    x = load_f32(x_ptr + offs, mask, OUT_KIND, INTERPRET)
+    tl.store(y_ptr + offs, cast_out(_nf4_tile(x, thr_ptr, code_ptr), OUT_KIND, INTERPRET), mask=mask)
+
+
+@functools.lru_cache(maxsize=None)
+def _tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    neg = [-t for t in reversed(NF4_THRESHOLDS)] + [float("nan")]  # ascending, NaN sentinel never <= w
+    codes = list(reversed(NF4_CODES))  # the code when `count` thresholds are <= w
+    return (torch.tensor(neg, dtype=torch.float32, device=device),
+            torch.tensor(codes, dtype=torch.float32, device=device))
+
+
+def quant_dequant_nf4(x: torch.Tensor, q: QType, tile: tuple[int, int, int] | None = None) -> torch.Tensor:
+    """NF4 of ``x`` along ``q.q_dim`` (formats.md §9)."""
+    if q.family != "nf4":
+        raise ValueError(f"quant_dequant_nf4: expected the nf4 QType, got {q.desc!r} ({q.family})")
+    x = check_input(x, q.q_dim, "quant_dequant_nf4")
+    y = torch.empty_like(x)
+    if x.numel() == 0:
+        return y
+    g = geometry(x, q.q_dim)
+    interp = is_interpreted(x)
+    thr, codes = _tables(x.device)
+    plan = plan_tiles(g, 64, 64, x.element_size(), interp, override=tile)
+    n_row_blocks = -(-g.length // 64)
+    _nf4_kernel[(plan.grid,)](
+        x, y, thr, codes, g.outer * n_row_blocks, n_row_blocks, g.length, g.inner,
+        NBLK=plan.nblk, BI=plan.bi, COL=plan.col, EVEN=g.length % 64 == 0, I64=x.numel() >= 2**31 - 2**24,
+        OUT_KIND=out_kind(x.dtype), INTERPRET=interp, num_warps=plan.num_warps, enable_fp_fusion=False,
+    )
+    return y
