@@ -9,6 +9,7 @@ from .qtype import QType
 from .config import FakeQuantConfig
 from .autograd import quant_attention, quant_baddbmm, quant_bmm, quant_linear, quant_matmul, quant_ste
 from .patch import FakeQuantLinear, PatchReport, patch, patch_functional, unpatch
+from .compat import quant_dequant_qkv, quant_dequant_tensor, quant_dequant_tensor_with_backward
 
 __version__ = "0.1.0"
 
@@ -16,4 +17,5 @@ __all__ = ["QType", "quant_dequant", "__version__"]
 __all__ += [
     "FakeQuantConfig", "quant_linear", "quant_matmul", "quant_bmm", "quant_baddbmm", "quant_attention", "quant_ste",
     "patch", "unpatch", "patch_functional", "FakeQuantLinear", "PatchReport",
+    "quant_dequant_tensor", "quant_dequant_tensor_with_backward", "quant_dequant_qkv",
 ]

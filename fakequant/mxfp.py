@@ -104,3 +104,50 @@ def quantize_mx(
 
 
 _quantize_mx = quantize_mx
+
+
+# --------------------------------------------------------------------- GEMMs (the earlier mxfp module's)
+__all__ += ["mxfp_matmul", "mxfp_baddbmm", "mx_gemm_config"]
+_MX_GEMM_CONFIGS: dict = {}  # (elem_format, block_size) -> FakeQuantConfig, built once each
+
+
+def mx_gemm_config(elem_format: str, block_size: int):
+    """The ``FakeQuantConfig`` behind ``mxfp_matmul``/``mxfp_baddbmm``: every operand of every GEMM in the
+    MX format ``elem_format`` (microxcaling name) with E8M0 scales (floor rule) per ``block_size`` elements."""
+    from .config import FakeQuantConfig
+
+    if elem_format not in ELEM_FORMATS:
+        raise ValueError(f"elem_format {elem_format!r} is not one of {', '.join(ELEM_FORMATS)}")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size={block_size!r} must be an int >= 1")
+    key = (elem_format, block_size)
+    if key not in _MX_GEMM_CONFIGS:
+        e, m = ELEM_FORMATS[elem_format]
+        fmt = f"e{e}m{m}k8b{block_size}"
+        _MX_GEMM_CONFIGS[key] = FakeQuantConfig(input=fmt, weight=fmt, grad_output=fmt)
+    return _MX_GEMM_CONFIGS[key]
+
+
+def mxfp_matmul(A: Tensor, B: Tensor, elem_format: str = "fp8_e5m2", block_size: int = 32) -> Tensor:
+    """``torch.matmul(A, B)`` with A, B and the gradients in MX ``elem_format``, blocks of ``block_size``.
+
+    Deliberate change from the earlier library: each GEMM's operands are quantized from high precision along
+    that GEMM's reduction axis (the earlier backward reused the forward copies and blocked the gradient
+    along its last axis, the wrong one for the weight gradient); the result has torch.matmul's dtype
+    (autocast included).
+    """
+    from .autograd import quant_matmul
+
+    return quant_matmul(A, B, mx_gemm_config(elem_format, block_size))
+
+
+def mxfp_baddbmm(
+    input: Tensor, batch1: Tensor, batch2: Tensor, beta: float = 1.0, alpha: float = 1.0,
+    elem_format: str = "fp8_e5m2", block_size: int = 32,
+) -> Tensor:
+    """``torch.baddbmm(input, batch1, batch2, beta=beta, alpha=alpha)`` with batch1, batch2 and the
+    gradients in MX ``elem_format``; ``input`` and its gradient stay in high precision. Same deliberate
+    change as ``mxfp_matmul``."""
+    from .autograd import quant_baddbmm
+
+    return quant_baddbmm(input, batch1, batch2, beta, alpha, mx_gemm_config(elem_format, block_size))

@@ -464,3 +464,57 @@ def test_gemm_plans_follow_the_gemm_table():
     assert [QType(q).q_dim for q in mm] == [-1, -2, -1, -1, -2, -2]
     ref = gemm_plan(OVERRIDES_CFG.replace(fidelity="reference"), "linear")
     assert [QType(q).q_dim for q in ref] == [-1] * 6
+
+
+# ------------------------------------------------------------------------------- compatibility names
+def test_mxfp_matmul_and_baddbmm_quantize_every_gemm_operand_in_the_mx_format():
+    from fakequant.mxfp import mxfp_baddbmm, mxfp_matmul
+
+    a, b = _leaf((2, M // 2, K), torch.float32, 161), _leaf((2, K, N), torch.float32, 162)
+    g = _leaf((2, M // 2, N), torch.float32, 163).detach()
+    fmt = QType("e4m3k8b16")  # microxcaling fp8_e4m3 with E8M0 floor scales, blocks of 16
+    c = mxfp_matmul(a, b, elem_format="fp8_e4m3", block_size=16)
+    da, db = _grads(c, g, a, b)
+    a_, b_ = a.detach(), b.detach()
+    assert_bitwise_equal(c, torch.matmul(quant_dequant(a_, fmt.dim(-1)), quant_dequant(b_, fmt.dim(-2))))
+    assert_bitwise_equal(da, torch.matmul(quant_dequant(g, fmt.dim(-1)), quant_dequant(b_, fmt.dim(-1)).mT))
+    assert_bitwise_equal(db, torch.matmul(quant_dequant(a_, fmt.dim(-2)).mT, quant_dequant(g, fmt.dim(-2))))
+
+    inp = _leaf((2, M // 2, N), torch.bfloat16, 164)
+    a16, b16 = a.detach().bfloat16(), b.detach().bfloat16()
+    out = mxfp_baddbmm(inp, a16, b16, beta=0.0, alpha=0.5)  # defaults: fp8_e5m2, blocks of 32
+    e5m2 = QType("e5m2k8b32")
+    assert out.dtype == torch.bfloat16  # the input dtype, as torch.baddbmm
+    assert_bitwise_equal(out.detach(), torch.baddbmm(inp.detach(), quant_dequant(a16, e5m2), quant_dequant(b16, e5m2.dim(-2)),
+                                                     beta=0.0, alpha=0.5))
+    with pytest.raises(ValueError, match="elem_format 'fp8' is not one of fp8_e5m2, fp8_e4m3"):
+        mxfp_matmul(a, b, elem_format="fp8")
+    with pytest.raises(ValueError, match="block_size=0 must be an int >= 1"):
+        mxfp_matmul(a, b, block_size=0)
+
+
+def test_quant_dequant_tensor_and_qkv_compatibility_names():
+    from fakequant import compat
+
+    x = _leaf((3, 40), torch.bfloat16, 171)
+    g = _leaf((3, 40), torch.bfloat16, 172).detach()
+    y = compat.quant_dequant_tensor(x, "mxfp8_e4m3", QType("mxfp8e5m2").dim(0))
+    y.backward(g)
+    assert y.dtype == torch.bfloat16
+    assert_bitwise_equal(y.detach(), quant_dequant(x.detach(), "e4m3k8b32"))  # the earlier name: OCP floor scale
+    assert_bitwise_equal(x.grad, quant_dequant(g, QType("mxfp8e5m2").dim(0)))
+    assert_bitwise_equal(compat.quant_dequant_tensor(x, elem_format="fp4_e2m1").detach(),
+                         quant_dequant(x.detach(), "e2m1k8b32"))
+    with pytest.raises(ValueError, match=r"forward_qtype='mxfp9' is neither one of mxfp8_e4m3, .* nor a QType"):
+        compat.quant_dequant_tensor(x, "mxfp9")
+
+    q, k, v = (_leaf((2, 4, 40), torch.bfloat16, s) for s in (173, 174, 175))
+    outs = compat.quant_dequant_qkv(q, k, v)  # mxfp8_e4m3 forward and backward
+    for t, o in zip((q, k, v), outs):
+        assert o.dtype == torch.bfloat16
+        expected = compat.quant_dequant_tensor_with_backward(t, "mxfp8_e4m3", None, True, "mxfp8_e4m3")
+        assert_bitwise_equal(o, expected)
+    sum(o.float().sum() for o in outs).backward()
+    assert_bitwise_equal(q.grad, quant_dequant(torch.ones_like(q), "e4m3k8b32"))
+    q32 = q.detach().float()
+    assert compat.quant_dequant_qkv(q32, q32, q32, elem_format="fp8_e5m2")[0].dtype == torch.float32
