@@ -1,0 +1,123 @@
+"""Training-step time (and peak memory) of the tests' GPT per recipe, as ratios to the bf16 recipe.
+
+Every recipe runs in the same process on the same model, data and optimizer, so the ratios compare like
+with like; the bf16 recipe (nothing quantized) is the baseline and always runs first.
+
+    python scripts/bench_train_step.py                                   # tiny GPT on CPU, all recipes
+    python scripts/bench_train_step.py --recipes bf16,mxfp8,mxfp4 --steps 20
+    python scripts/bench_train_step.py --device cuda --preset gpt2-small # 12 layers, d=768, T=1024, batch 8,
+                                                                         # bf16 weights, AdamW
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the tests' GPT is the benchmark's model
+
+import fakequant  # noqa: E402
+from fakequant import FakeQuantConfig  # noqa: E402
+from fakequant.config import recipe_names  # noqa: E402
+from tests.tiny_gpt import GPTConfig, TinyGPT, synthetic_batch  # noqa: E402
+
+PRESETS = {
+    # name: (model config, batch, dtype of weights)
+    "tiny": (GPTConfig(vocab_size=96, block_size=32, n_layer=2, n_head=2, n_embd=64), 4, torch.float32),
+    "small": (GPTConfig(vocab_size=512, block_size=128, n_layer=4, n_head=4, n_embd=256), 8, torch.float32),
+    "gpt2-small": (GPTConfig.gpt2_small(), 8, torch.bfloat16),
+}
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+BASELINE = "bf16"
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_recipe(recipe: str, args, cfg: GPTConfig, batch_size: int, dtype: torch.dtype, device: torch.device):
+    """Median step time (s), peak memory (bytes or None on CPU) and the last loss of one recipe."""
+    torch.manual_seed(0)
+    model = TinyGPT(cfg).to(device=device, dtype=dtype)
+    config = FakeQuantConfig.from_recipe(recipe).replace(fidelity=args.fidelity)
+    if config.quantizes_linear:
+        fakequant.patch(model, config)
+    step_model = torch.compile(model) if args.compile else model
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    idx, targets = synthetic_batch(cfg, batch_size, args.seq, seed=0, device=device)
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    times, loss = [], float("nan")
+    for step in range(args.warmup + args.steps):
+        _sync(device)
+        t0 = time.perf_counter()
+        _, loss_t = step_model(idx, targets)
+        opt.zero_grad(set_to_none=True)
+        loss_t.backward()
+        opt.step()
+        _sync(device)
+        if step >= args.warmup:
+            times.append(time.perf_counter() - t0)
+        loss = loss_t.item()
+    peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    del model, opt, step_model
+    return statistics.median(times), peak, loss
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:i]")
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
+    parser.add_argument("--recipes", default=",".join(recipe_names()),
+                        help=f"comma-separated names from: {', '.join(recipe_names())}")
+    parser.add_argument("--steps", type=int, default=10, help="timed steps (the median is reported)")
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=None, help="default: the preset's")
+    parser.add_argument("--seq", type=int, default=None, help="sequence length; default: the preset's context")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="weight dtype; default: the preset's")
+    parser.add_argument("--fidelity", choices=("faithful", "reference"), default="faithful")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    args = parser.parse_args()
+
+    cfg, batch_size, dtype = PRESETS[args.preset]
+    batch_size = args.batch or batch_size
+    dtype = DTYPES[args.dtype] if args.dtype else dtype
+    device = torch.device(args.device)
+    recipes = [r for r in args.recipes.split(",") if r]
+    unknown = [r for r in recipes if r not in recipe_names()]
+    if unknown:
+        parser.error(f"unknown recipe(s) {unknown}; choose from {', '.join(recipe_names())}")
+    recipes = [BASELINE] + [r for r in recipes if r != BASELINE]
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {os.cpu_count()} cores"
+    seq = args.seq or cfg.block_size
+    print(f"torch {torch.__version__}, fakequant {fakequant.__version__}, device {device} ({name}), "
+          f"torch threads {torch.get_num_threads()}")
+    print(f"model: {args.preset} (layers {cfg.n_layer}, d {cfg.n_embd}, heads {cfg.n_head}, vocab {cfg.vocab_size}), "
+          f"batch {batch_size}, T {seq}, weights {dtype}, AdamW, fidelity {args.fidelity}, "
+          f"compile {args.compile}, median of {args.steps} steps after {args.warmup} warm-up")
+    results = {}
+    for recipe in recipes:
+        results[recipe] = run_recipe(recipe, args, cfg, batch_size, dtype, device)
+    base_time, base_peak, _ = results[BASELINE]
+    print()
+    print("| recipe | step ms | time / bf16 | peak MiB | memory / bf16 | last loss |")
+    print("|---|---|---|---|---|---|")
+    for recipe, (t, peak, loss) in results.items():
+        mem = "n/a" if peak is None else f"{peak / 2**20:.0f}"
+        mem_ratio = "n/a" if peak is None else f"{peak / base_peak:.2f}"
+        print(f"| {recipe} | {t * 1e3:.1f} | {t / base_time:.2f} | {mem} | {mem_ratio} | {loss:.4f} |")
+    if device.type == "cpu":
+        print("\n(peak memory is measured on CUDA only)")
+
+
+if __name__ == "__main__":
+    main()
