@@ -293,6 +293,10 @@ def pack(x: Tensor, qtype: QType | str, pack_axis: int = -1, *, scales: Tensor |
         return _pack_empty(x32, q, qdim, paxis, shape, x.dtype)
     if kind == "mx":
         blocks, restore = to_blocks(x32, qdim, q.blk_size)  # [..., n_blocks, B]
+        if scales is None and q.scale_mode == "mse":  # a QType with the MSE scale rule, once QType has it
+            from .scale_search import mse_scales
+
+            scales = mse_scales(x, q)
         if scales is None:
             s, nan_block = mx_block_exponents(blocks, q)
         else:
