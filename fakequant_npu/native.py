@@ -15,8 +15,8 @@ What this module adds around the operator, so that its result can equal the refe
   ``DynamicMxQuantKernelNpuOpApi.cpp``), are read in block order, byte ``e`` meaning ``2^(e-127)`` and
   0xFF NaN;
 * the sign comes from the input (formats.md §0: ±0 in gives +0, a negative value that rounds to zero gives
-  -0), an element the cast turned into NaN in a finite block is the saturated ``max_norm`` (OCP FP8 casts
-  without saturation give NaN on overflow), and a block holding a NaN/inf is NaN, its bits read from the
+  -0), an element the cast turned into NaN or inf in a finite block is the saturated ``max_norm`` (OCP
+  FP8 casts without saturation give NaN for E4M3 and inf for E5M2 on overflow), and a block holding a NaN/inf is NaN, its bits read from the
   input;
 * a **self-test** per (format, input dtype, device type): before the operator is used for a key, a canary
   tensor (``fakequant.dispatch.canary`` when present) is quantized along both axes by this path and by the
@@ -215,8 +215,10 @@ class _NativeKernel:
         x32 = x2.to(torch.float32)
         top = portable._abs_bits(x32).reshape(rows, n_blocks, q.blk_size).amax(dim=-1)
         scale = torch.where(top >= portable._INF_BITS, math.nan, scale)
+        # In a finite block a non-finite element is a cast overflow (NaN for OCP E4M3 without saturation,
+        # inf for E5M2); the reference saturates it to max_norm.
         magnitude = values.abs()
-        magnitude = torch.where(torch.isnan(values), _MAX_NORM[self.fmt], magnitude)  # overflow -> max_norm
+        magnitude = torch.where(magnitude <= _MAX_NORM[self.fmt], magnitude, _MAX_NORM[self.fmt])
         out = magnitude.reshape(rows, n_blocks, q.blk_size) * scale.unsqueeze(-1)
         out = portable._apply_sign(x32, out.reshape(rows, n))
         return out.reshape(*lead, n)
