@@ -19,7 +19,7 @@ import triton.language as tl
 from ...qtype import QType
 from ._common import (
     bits_of, bf16_rne, cast_out, check_input, col_tile3, copysign_plus, float_of, geometry, is_interpreted,
-    load_f32, out_kind, plan_tiles, rhaz_small, row_tile3,
+    load_f32, out_kind, plan_tiles, rhaz_small, row_tile,
 )
 
 __all__ = ["quant_dequant_hif8", "quant_dequant_hif4", "quant_dequant_hifx"]
@@ -135,13 +135,20 @@ def _hif_block64_kernel(
     pid = tl.program_id(0)
     if COL:
         offs, mask = col_tile3(pid, n_row_blocks, L, I, 8, 2, 4, NBLK, BI, I64)
+        x = load_f32(x_ptr + offs, mask, OUT_KIND, INTERPRET)
+        if HIF4:
+            y = _hif4_tile(x)
+        else:
+            y = _hifx_tile(x, MBITS)
     else:
-        offs, mask = row_tile3(pid, n_blocks, n_row_blocks, L, 8, 2, 4, NBLK, EVEN, I64)
-    x = load_f32(x_ptr + offs, mask, OUT_KIND, INTERPRET)
-    if HIF4:
-        y = _hif4_tile(x)
-    else:
-        y = _hifx_tile(x, MBITS)
+        # load [NBLK, 64] flat (16-byte loads), view it as [NBLK, 8, 2, 4] for the quad/group/block maxima
+        offs, mask = row_tile(pid, n_blocks, n_row_blocks, L, 64, 64, NBLK, EVEN, I64)
+        x = load_f32(x_ptr + offs, mask, OUT_KIND, INTERPRET)
+        xv = tl.reshape(x, [NBLK, 8, 2, 4])
+        if HIF4:
+            y = tl.reshape(_hif4_tile(xv), [NBLK, 64])
+        else:
+            y = tl.reshape(_hifx_tile(xv, MBITS), [NBLK, 64])
     tl.store(y_ptr + offs, cast_out(y, OUT_KIND, INTERPRET), mask=mask)
 
 

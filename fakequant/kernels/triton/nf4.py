@@ -36,10 +36,9 @@ def _nf4_tile(x, thr_ptr, code_ptr):
     inv = tl.div_rn(1.0, tl.where(amax > 0, amax, 1.0))
     w = x * -inv
     count = tl.zeros(x.shape, tl.int32)
-    for step in tl.static_range(4):
-        half: tl.constexpr = 8 >> step
-        thr = tl.load(thr_ptr + count + (half - 1))
-        count = tl.where(thr <= w, count + half, count)
+    for level in tl.static_range(4):  # steps of 8, 4, 2, 1
+        thr = tl.load(thr_ptr + count + ((8 >> level) - 1))
+        count = tl.where(thr <= w, count + (8 >> level), count)
     count = tl.where(w != w, 15, count)  # NaN (0 * inf for blocks with A < 2^-128) counts every threshold
     code = tl.load(code_ptr + count)
     a_mul = tl.where(amax_b < 0x7F800000, amax, float("nan"))  # a block with NaN/inf is NaN

@@ -17,7 +17,7 @@ import triton
 from ...qtype import QType
 from ._common import (
     bits_of, cast_out, check_input, col_tile3, copysign_plus, exponent_and_fraction, float_of, geometry,
-    is_interpreted, load_f32, out_kind, plan_tiles, pow2, rhaz_small, row_tile3,
+    is_interpreted, load_f32, out_kind, plan_tiles, pow2, rhaz_small, row_tile,
 )
 
 __all__ = ["quant_dequant_tmx"]
@@ -60,10 +60,14 @@ def _tmx_kernel(
     pid = tl.program_id(0)
     if COL:
         offs, mask = col_tile3(pid, n_row_blocks, L, I, 4, 2, 2, NBLK, BI, I64)
+        x = load_f32(x_ptr + offs, mask, OUT_KIND, INTERPRET)
+        tl.store(y_ptr + offs, cast_out(_tmx_tile(x, MBITS), OUT_KIND, INTERPRET), mask=mask)
     else:
-        offs, mask = row_tile3(pid, n_blocks, n_row_blocks, L, 4, 2, 2, NBLK, EVEN, I64)
-    x = load_f32(x_ptr + offs, mask, OUT_KIND, INTERPRET)
-    tl.store(y_ptr + offs, cast_out(_tmx_tile(x, MBITS), OUT_KIND, INTERPRET), mask=mask)
+        # load [NBLK, 16] flat (16-byte loads), view it as [NBLK, 4, 2, 2] for the pair/block maxima
+        offs, mask = row_tile(pid, n_blocks, n_row_blocks, L, 16, 16, NBLK, EVEN, I64)
+        x = load_f32(x_ptr + offs, mask, OUT_KIND, INTERPRET)
+        y = tl.reshape(_tmx_tile(tl.reshape(x, [NBLK, 4, 2, 2]), MBITS), [NBLK, 16])
+        tl.store(y_ptr + offs, cast_out(y, OUT_KIND, INTERPRET), mask=mask)
 
 
 def quant_dequant_tmx(x: torch.Tensor, q: QType, tile: tuple[int, int, int] | None = None) -> torch.Tensor:
