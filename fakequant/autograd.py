@@ -26,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
+import threading
 from typing import NamedTuple
 
 import torch
@@ -144,6 +145,10 @@ def _q(x: Tensor, q: str | None) -> Tensor:
     return torch.ops.fakequant.gemm_operand_qdq(x, q)
 
 
+# depth > 0 while a quantizer runs, so that patch_functional leaves any torch op it calls alone.
+_QUANTIZING = threading.local()
+
+
 @functools.lru_cache(maxsize=1024)
 def _parse(desc: str) -> QType:
     return QType(desc)
@@ -155,7 +160,11 @@ def _parse(desc: str) -> QType:
 def _gemm_operand_qdq(x: Tensor, qtype: str) -> Tensor:
     # Contiguous: GEMM and SDPA kernels choose their path by stride, and a strided view into a padded
     # buffer would keep the padding alive.
-    return quant_dequant(x, _parse(qtype)).contiguous()
+    _QUANTIZING.depth = getattr(_QUANTIZING, "depth", 0) + 1
+    try:
+        return quant_dequant(x, _parse(qtype)).contiguous()
+    finally:
+        _QUANTIZING.depth -= 1
 
 
 @_gemm_operand_qdq.register_fake

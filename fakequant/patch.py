@@ -178,7 +178,11 @@ _local = threading.local()
 
 def _plain_call() -> bool:
     """True inside a fakequant op (its own GEMMs and quantizers) and during backward: call the original."""
-    return getattr(_local, "depth", 0) > 0 or torch._C._current_autograd_node() is not None
+    return (
+        getattr(_local, "depth", 0) > 0
+        or getattr(_ag._QUANTIZING, "depth", 0) > 0
+        or torch._C._current_autograd_node() is not None
+    )
 
 
 @contextlib.contextmanager

@@ -274,3 +274,25 @@ def test_sdpa_gpt_attention_quantized_under_patch_functional():
         logits_q = model(batch[0])
     assert not torch.equal(logits_q, logits_plain)
     assert_bitwise_equal(model(batch[0]), logits_plain)
+
+
+def test_patch_functional_leaves_torch_calls_made_by_quantizers_and_backward_alone(monkeypatch):
+    import fakequant.autograd as fq_autograd
+
+    seen = []
+
+    def matmul_quantizer(x, q):  # a stand-in quantizer that itself calls torch.matmul (x @ I == x exactly)
+        seen.append(torch.matmul.__name__)
+        return torch.matmul(x, torch.eye(x.shape[-1], dtype=x.dtype))
+
+    monkeypatch.setattr(fq_autograd, "quant_dequant", matmul_quantizer)
+    layer = nn.Linear(48, 36)
+    patch(layer, MXFP8)
+    a, b = torch.randn(8, 48, requires_grad=True), torch.randn(48, 36, requires_grad=True)
+    with patch_functional(MXFP8):
+        y = torch.matmul(a, b) + layer(a).sum()  # no recursion through the patched torch.matmul
+        y.sum().backward()  # backward inside the block: the quantizers' calls stay plain too
+    # Forward: 2 operands each for the matmul and the linear; backward: 4 each (dgrad and wgrad). A quantizer
+    # call routed back through the wrapper would quantize again and show up here as extra calls.
+    assert len(seen) == 12 and set(seen) == {"matmul"}  # and the quantizer did see the wrapper in place
+    assert_bitwise_equal(y.detach(), (torch.matmul(a, b) + F.linear(a, layer.weight, layer.bias).sum()).detach())
