@@ -406,6 +406,8 @@ def _triton_check(x: Tensor, q: QType) -> tuple[bool, str]:
         return False, f"Triton kernels run on CUDA tensors, not {dev!r}"
     if x.dtype not in _TRITON_DTYPES:
         return False, f"dtype {x.dtype} is not supported by the Triton kernels (float32, bfloat16, float16)"
+    if q.scale_mode == "mse":
+        return False, "scale mode 'mse' (per-block scale search) has no Triton kernel; the reference runs it"
     return True, ""
 
 

@@ -18,7 +18,7 @@ FAMILIES = (
     "mx", "mx_hier", "hifx", "tmx", "hif8", "hif4", "nvf4", "nvfp4", "nf4", "nf4_double", "int8sym", "cast",
 )
 ROUND_MODES = ("nearest", "even", "floor")
-SCALE_MODES = ("floor", "round", "ceil", "rceil")
+SCALE_MODES = ("floor", "round", "ceil", "rceil", "mse")
 MODIFIER_KEYS = ("round", "scale", "saturate", "dim")
 
 # alias -> (exp_bits, man_bits); every alias is k8 b32 with the carry suffix (spec/qtype.md §1).
@@ -212,6 +212,11 @@ class QType:
             )
         if not isinstance(value, str) or value.lower() not in allowed:
             raise ValueError(f"{kind} mode {value!r} is not one of {', '.join(allowed)}")
+        if kind == "scale" and value.lower() == "mse" and self.family != "mx":
+            raise ValueError(
+                f"scale mode 'mse' (per-block MSE-optimal E8M0 search) applies to e<E>m<M>k<K>b<B> block floats, "
+                f"not the hierarchical form {self.desc!r}"
+            )
 
     def _check_saturate(self, flag: Any) -> None:
         if not isinstance(flag, bool):
@@ -245,7 +250,8 @@ class QType:
         return self._with(round_mode=mode.lower())
 
     def scale(self, mode: str) -> QType:
-        """Shared-exponent rule: ``floor``, ``round`` (the ``c`` suffix), ``ceil``, ``rceil``."""
+        """Shared-exponent rule: ``floor``, ``round`` (the ``c`` suffix), ``ceil``, ``rceil``, or ``mse`` (per
+        block, the E8M0 scale with the smallest squared error; ``fakequant.scale_search``)."""
         self._check_mode("scale", mode, SCALE_MODES)
         return self._with(scale_mode=mode.lower())
 

@@ -38,9 +38,17 @@ REFERENCE_IMPLS: dict[str, str] = {
 _CAST_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
-def reference_impl(family: str) -> Callable[[Tensor, QType], Tensor]:
-    module, func = REFERENCE_IMPLS[family].split(":")
-    return getattr(importlib.import_module(f"{__name__}.{module}"), func)
+# Block floats whose scale is searched per block rather than read off the block maximum.
+SEARCHED_SCALE_IMPL = "fakequant.scale_search:quant_dequant_mse"
+
+
+def reference_impl(q: QType) -> Callable[[Tensor, QType], Tensor]:
+    if q.family == "mx" and q.scale_mode == "mse":
+        module, func = SEARCHED_SCALE_IMPL.split(":")
+    else:
+        module, func = REFERENCE_IMPLS[q.family].split(":")
+        module = f"{__name__}.{module}"
+    return getattr(importlib.import_module(module), func)
 
 
 def as_qtype(q: QType | str) -> QType:
@@ -75,5 +83,5 @@ def reference_quant_dequant(x: Tensor, q: QType | str) -> Tensor:
         return x.to(_CAST_DTYPES[q.name]).to(x.dtype)  # plain IEEE casts (formats.md §10)
     x32 = x.reshape(1) if x.dim() == 0 else x
     x32 = x32.to(torch.float32)  # exact for fp16/bf16; fp64 is rounded to fp32 first (formats.md §0)
-    out = reference_impl(q.family)(x32, q.dim(dim))
+    out = reference_impl(q)(x32, q.dim(dim))
     return saturating_cast(out, x.dtype).reshape(x.shape)
