@@ -1,0 +1,223 @@
+"""``fakequant.nn.QuantLinear``: the torch backend is the fake-quant reference bit for bit; state_dict round
+trips into an empty skeleton; ``.to(dtype)`` leaves the packed weight alone; the triton backend (CPU
+interpreter here, H100 in the ``cuda`` tests) agrees with torch within bf16 matmul rounding."""
+
+from __future__ import annotations
+
+import io
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
+
+import fakequant  # noqa: E402
+from fakequant import QType  # noqa: E402
+from fakequant.nn import QuantLinear  # noqa: E402
+from fakequant.packing import pack  # noqa: E402
+
+from .conftest import assert_bitwise_equal  # noqa: E402
+
+HAS_TRITON = __import__("importlib").util.find_spec("triton") is not None
+WEIGHT_FORMATS = ["mxfp4", "e2m1k8b32", "e2m1k8b16:round=even", "nvf4", "nvfp4"]
+
+
+def _rel_l2(y: torch.Tensor, ref: torch.Tensor) -> float:
+    return float((y.double() - ref.double()).norm() / ref.double().norm())
+
+
+def _linear(out_f=40, in_f=96, bias=True, seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    lin = torch.nn.Linear(in_f, out_f, bias=bias)
+    return lin.to(dtype)
+
+
+@pytest.mark.parametrize("wq", WEIGHT_FORMATS)
+@pytest.mark.parametrize("iq", [None, "mxfp4:scale=floor", "bf16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_torch_backend_is_the_fake_quant_reference(wq, iq, dtype, bias):
+    lin = _linear(bias=bias, dtype=dtype)
+    ql = QuantLinear.from_linear(lin, weight_qtype=wq, input_qtype=iq)
+    x = torch.randn(3, 5, 96).to(dtype)  # 3-D: leading dims are kept
+    xq = x if iq is None else fakequant.quant_dequant(x, iq)
+    expected = F.linear(xq, fakequant.quant_dequant(lin.weight.detach(), wq), lin.bias)
+    assert_bitwise_equal(ql(x), expected)
+    assert_bitwise_equal(ql.dequantize_weight(dtype), fakequant.quant_dequant(lin.weight.detach(), wq))
+
+
+def test_constructor_is_a_superset_of_linear():
+    ql = QuantLinear(96, 40, bias=False, device="cpu", dtype=torch.bfloat16)
+    assert ql.bias is None and ql.weight_codes.shape == (40, 48) and ql.weight_scales.shape == (40, 3)
+    ql = QuantLinear(33, 8, True, dtype=torch.float16, weight_qtype="nvfp4")
+    assert ql.bias.dtype == torch.float16 and ql.weight_codes.shape == (8, 17) and ql.weight_scales.shape == (8, 3)
+    assert ql.weight_tensor_scale.dtype == torch.float32
+    with pytest.raises(ValueError, match="cannot pack 'mxfp8e4m3'"):
+        QuantLinear(32, 8, weight_qtype="mxfp8e4m3")
+    with pytest.raises(ValueError, match="along in_features"):
+        QuantLinear(32, 8, weight_qtype=QType("mxfp4").dim(0))
+    with pytest.raises(ValueError, match="backend 'cuda'"):
+        QuantLinear(32, 8, backend="cuda")
+    with pytest.raises(ValueError, match="in_features must be an int"):
+        QuantLinear(-1, 8)
+
+
+@pytest.mark.parametrize("wq", ["mxfp4", "nvfp4"])
+@pytest.mark.parametrize("bias", [True, False])
+def test_state_dict_round_trip_into_empty_skeleton(wq, bias):
+    lin = _linear(bias=bias)
+    ql = QuantLinear.from_linear(lin, weight_qtype=wq, input_qtype="mxfp4", backend="torch")
+    x = torch.randn(7, 96)
+    y = ql(x)
+    sd = ql.state_dict()
+    assert sd["weight_codes"].dtype == torch.uint8 and sd["weight_scales"].dtype == torch.uint8
+    assert ("weight_tensor_scale" in sd) == (wq == "nvfp4") and ("bias" in sd) == bias
+    buf = io.BytesIO()
+    torch.save(sd, buf)
+    buf.seek(0)
+    skeleton = QuantLinear(backend="torch")  # no sizes, default format: everything comes from the checkpoint
+    skeleton.load_state_dict(torch.load(buf))
+    assert (skeleton.in_features, skeleton.out_features) == (96, 40)
+    assert skeleton.weight_qtype == ql.weight_qtype and skeleton.input_qtype == ql.input_qtype
+    assert_bitwise_equal(skeleton(x), y)
+
+
+def test_state_dict_round_trip_with_transform():
+    g = torch.Generator().manual_seed(3)
+    t = torch.linalg.qr(torch.randn(32, 32, generator=g))[0]  # an orthogonal (rotation) transform per block
+    lin = _linear()
+    ql = QuantLinear.from_linear(lin, weight_qtype="mxfp4", transform=t, backend="torch")
+    x = torch.randn(4, 96)
+    ref = lin(x)
+    assert _rel_l2(ql(x), ref) < 0.2  # 4-bit weights in the rotated space still compute x Wᵀ
+    skeleton = QuantLinear()
+    skeleton.load_state_dict(ql.state_dict())
+    skeleton.backend = "torch"
+    assert_bitwise_equal(skeleton(x), ql(x))
+    per_block = QuantLinear.from_linear(lin, weight_qtype="mxfp4", transform=t.expand(3, 32, 32), backend="torch")
+    assert_bitwise_equal(per_block(x), ql(x))
+    with pytest.raises(ValueError, match="does not tile"):
+        QuantLinear(96, 8, transform=torch.eye(5))
+
+
+@pytest.mark.parametrize("wq", ["mxfp4", "nvfp4"])
+def test_to_dtype_leaves_packed_weight_untouched(wq):
+    ql = QuantLinear.from_linear(_linear(), weight_qtype=wq, backend="torch")
+    codes, scales = ql.weight_codes.clone(), ql.weight_scales.clone()
+    ts = None if ql.weight_tensor_scale is None else ql.weight_tensor_scale.clone()
+    w32 = ql.dequantize_weight(torch.float32)
+    for convert in (lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m.to(dtype=torch.float64),
+                    lambda m: m.float()):
+        convert(ql)
+        assert ql.weight_codes.dtype == torch.uint8 and torch.equal(ql.weight_codes, codes)
+        assert ql.weight_scales.dtype == torch.uint8 and torch.equal(ql.weight_scales, scales)
+        if ts is not None:
+            assert ql.weight_tensor_scale.dtype == torch.float32 and torch.equal(ql.weight_tensor_scale, ts)
+        assert_bitwise_equal(ql.dequantize_weight(torch.float32), w32)
+    ql.to(torch.bfloat16)
+    assert ql.bias.dtype == torch.bfloat16  # the bias follows the dtype, as nn.Linear's does
+    y = ql(torch.randn(2, 96, dtype=torch.bfloat16))
+    assert y.dtype == torch.bfloat16
+    # .to(device) moves the packed state (the meta device stands in for a GPU here)
+    ql.to("meta")
+    assert ql.weight_codes.device.type == "meta" and ql.weight_codes.dtype == torch.uint8
+    if ts is not None:
+        assert ql.weight_tensor_scale.device.type == "meta" and ql.weight_tensor_scale.dtype == torch.float32
+
+
+def test_native_scale_views_and_bits():
+    ql = QuantLinear.from_linear(_linear(in_f=128), weight_qtype="mxfp4")
+    if hasattr(torch, "float8_e8m0fnu"):
+        assert ql.weight_scales_native.dtype == torch.float8_e8m0fnu
+    assert ql.weight_bits_per_element() == 4.25  # 4 bits + one byte per 32
+    nv = QuantLinear.from_linear(_linear(in_f=128), weight_qtype="nvfp4")
+    if hasattr(torch, "float8_e4m3fn"):
+        assert nv.weight_scales_native.dtype == torch.float8_e4m3fn
+    assert nv.weight_bits_per_element() == pytest.approx(4.5 + 32 / (40 * 128))
+
+
+def test_mse_and_hessian_scales_pack_into_quant_linear():
+    from fakequant.scale_search import hessian_scales, mse_scales, quant_dequant_mse, quant_dequant_scaled
+
+    lin = _linear(in_f=128)
+    w = lin.weight.detach()
+    ql = QuantLinear.from_linear(lin, weight_qtype="e2m1k8b32", scales=mse_scales(w, "e2m1k8b32"))
+    assert_bitwise_equal(ql.dequantize_weight(), quant_dequant_mse(w, "e2m1k8b32"))
+    x = torch.randn(64, 128)
+    s = hessian_scales(w, X=x, qtype="e2m1k8b32")
+    ql = QuantLinear.from_linear(lin, weight_qtype="e2m1k8b32", scales=s)
+    assert_bitwise_equal(ql.dequantize_weight(), quant_dequant_scaled(w, "e2m1k8b32", s))
+
+
+def test_backend_choice():
+    ql = QuantLinear.from_linear(_linear(), weight_qtype="mxfp4")
+    x = torch.randn(2, 96)
+    assert ql._resolve_backend(x) == "torch"  # automatic: CPU tensors take the reference
+    ql.backend = "triton"
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        with pytest.raises(RuntimeError, match="backend 'triton' cannot run"):
+            ql(x)
+    with pytest.raises(ValueError, match="95 features, in_features=96"):
+        ql(torch.randn(2, 95))
+
+
+# ----------------------------------------------------------------------------------------- triton backend
+triton_cpu = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1" or not HAS_TRITON, reason="needs Triton's CPU interpreter"
+)
+
+
+@triton_cpu
+@pytest.mark.parametrize("wq", WEIGHT_FORMATS)
+@pytest.mark.parametrize("shape", [(3, 40, 96), (17, 33, 70), (1, 16, 64)])
+def test_triton_interpreter_parity(wq, shape):
+    """The fused kernel (under the interpreter) against the torch backend: odd M, N, K (K not a multiple of
+    the tile or the block), bias, every weight format; within bf16 matmul rounding."""
+    m, n, k = shape
+    lin = _linear(out_f=n, in_f=k, seed=m)
+    x = torch.randn(m, k)
+    ref = QuantLinear.from_linear(lin, weight_qtype=wq, input_qtype="mxfp4", backend="torch")
+    tri = QuantLinear.from_linear(lin, weight_qtype=wq, input_qtype="mxfp4", backend="triton")
+    assert _rel_l2(tri(x), ref(x)) < 1e-2
+    xb = x.to(torch.bfloat16)
+    y = tri(xb)
+    assert y.dtype == torch.bfloat16 and _rel_l2(y, ref(xb)) < 1e-2
+
+
+@triton_cpu
+def test_triton_interpreter_split_k():
+    from fakequant.kernels.triton.quant_linear import TileConfig, quant_linear
+
+    w = torch.randn(32, 256)
+    codes, scales = pack(w, "mxfp4")
+    x = torch.randn(5, 256)
+    ref = x @ fakequant.quant_dequant(w, "mxfp4").T
+    for cfg in (TileConfig(16, 16, 64, 2, 4, 1, 2), TileConfig(16, 32, 64, 3, 4, 1, 2)):
+        y = quant_linear(x, codes, scales, block=32, config=cfg)
+        assert y.dtype == torch.float32 and _rel_l2(y, ref) < 1e-2
+    with pytest.raises(ValueError, match="expected codes"):
+        quant_linear(x, codes[:, :-1], scales, block=32)
+
+
+# ------------------------------------------------------------------------------------------------ GPU (H100)
+@pytest.mark.cuda
+@pytest.mark.parametrize("wq", ["mxfp4", "nvfp4"])
+@pytest.mark.parametrize("m", [1, 7, 16, 100, 4096])
+@pytest.mark.parametrize("nk", [(4096, 4096), (1000, 2080)])
+def test_triton_matches_torch_on_gpu(wq, m, nk):
+    n, k = nk
+    torch.manual_seed(m)
+    w = torch.randn(n, k, device="cuda") * 0.02
+    b = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    ql = QuantLinear.from_weight(w, b.float(), weight_qtype=wq, input_qtype="mxfp4").to(torch.bfloat16)
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    ql.backend = "torch"
+    ref = ql(x)
+    ql.backend = None
+    assert ql._resolve_backend(x) == "triton"
+    y = ql(x)
+    assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
+    assert _rel_l2(y, ref) < 1e-2
