@@ -26,7 +26,7 @@ WEIGHT_FORMATS = ["mxfp4", "e2m1k8b32", "e2m1k8b16:round=even", "nvf4", "nvfp4"]
 
 
 def _rel_l2(y: torch.Tensor, ref: torch.Tensor) -> float:
-    return float((y.double() - ref.double()).norm() / ref.double().norm())
+    return float((y.detach().double() - ref.detach().double()).norm() / ref.detach().double().norm())
 
 
 def _linear(out_f=40, in_f=96, bias=True, seed=0, dtype=torch.float32):
