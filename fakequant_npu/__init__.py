@@ -54,9 +54,15 @@ def _set_status(ok: bool, reason: str) -> None:
         report(BACKEND, ok, reason)
 
 
+_SCALE_MODES = ("floor", "round", "ceil", "rceil")  # what portable's block-float engine implements
+
+
 def _check(x: Tensor, q: QType) -> tuple[bool, str]:
+    """Capability of the NPU implementations for this call (the dispatcher falls back quietly on False)."""
     if x.dtype not in _DTYPES:
         return False, f"the NPU implementations take float32, bfloat16 or float16 tensors, not {x.dtype}"
+    if q.scale_mode is not None and q.scale_mode not in _SCALE_MODES:
+        return False, f"scale mode {q.scale_mode!r} has no NPU implementation; the reference runs it"
     return True, ""
 
 
