@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import re
 
@@ -307,3 +308,15 @@ def test_patch_functional_leaves_torch_calls_made_by_quantizers_and_backward_alo
     # call routed back through the wrapper would quantize again and show up here as extra calls.
     assert len(seen) == 12 and set(seen) == {"matmul"}  # and the quantizer did see the wrapper in place
     assert_bitwise_equal(y.detach(), (torch.matmul(a, b) + F.linear(a, layer.weight, layer.bias).sum()).detach())
+
+
+def test_patched_megatron_gpt_trains_under_cpu_autocast():
+    # The earlier library's matmul raised a dtype mismatch here; now every op returns autocast's dtype.
+    model = _model(dataclasses.replace(GPT, attention="megatron"))
+    patch(model, MIXED)
+    idx, targets = synthetic_batch(GPT, 2)
+    with patch_functional(MIXED, ops=("bmm", "baddbmm")), torch.autocast("cpu", dtype=torch.bfloat16):
+        logits, loss = model(idx, targets)
+    loss.backward()
+    assert logits.dtype == torch.bfloat16 and math.isfinite(loss.item())
+    assert all(p.grad.dtype == torch.float32 and torch.isfinite(p.grad).all() for p in model.parameters())
