@@ -44,7 +44,7 @@ from .qtype import FAMILIES, QType
 
 __all__ = [
     "quant_dequant", "quant_dequant_pair", "register", "describe", "select", "Implementation", "BACKENDS",
-    "reset_self_tests", "ENV_BACKEND",
+    "reset_self_tests", "set_backend_status", "canary", "ENV_BACKEND", "TRITON_KERNELS",
 ]
 
 BACKENDS = ("torch", "triton", "npu")
@@ -93,6 +93,7 @@ class _State:
     self_tests: dict[tuple, tuple[bool, str]] = field(default_factory=dict)
     chosen: dict[tuple[str, str], str] = field(default_factory=dict)
     warned: set = field(default_factory=set)
+    status: dict[str, tuple[bool, str]] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -140,6 +141,14 @@ def register(
                 if backend not in order:
                     order.append(backend)
         _STATE.self_tests.clear()
+
+
+def set_backend_status(backend: str, ok: bool, reason: str) -> None:
+    """A backend reports whether it is usable in this process (``describe()`` prints it); ``fakequant_npu``
+    calls this whether or not ``torch_npu`` imports."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend {backend!r} is not one of {', '.join(BACKENDS)}")
+    _STATE.status[backend] = (bool(ok), str(reason))
 
 
 def _candidates(family: str, device_type: str) -> dict[str, Implementation]:
@@ -230,19 +239,52 @@ def quant_dequant(x: Tensor, qtype: QType | str, backend: str | None = None) -> 
 
 def quant_dequant_pair(x: Tensor, q_a: QType | str, q_b: QType | str, backend: str | None = None
                        ) -> tuple[Tensor, Tensor]:
-    """``(quant_dequant(x, q_a), quant_dequant(x, q_b))``, bit for bit, in one pass over ``x`` where a
-    kernel fuses the two (Triton, MX family, a 2-D tensor quantized along both of its axes: autograd's
-    weight for fprop and dgrad, or ``grad_output`` for dgrad and wgrad); otherwise two calls."""
+    """``(quant_dequant(x, q_a), quant_dequant(x, q_b))``, bit for bit, in one pass over ``x`` where a kernel
+    fuses the two: Triton, two MX formats along the last two axes of ``x`` (one each), power-of-two blocks
+    (``fakequant.kernels.triton.mx.fusable_pair``). That is autograd's ``grad_output`` for dgrad (along N)
+    and wgrad (along M) in one read, or a weight for fprop and dgrad. Otherwise, two calls.
+
+    The fused kernel has its own self-test (the canary through both axes); a refusal falls back to two calls
+    with a warning, or raises when ``backend`` (or ``FAKEQUANT_BACKEND``) is explicit.
+    """
     q_a, q_b = as_qtype(q_a), as_qtype(q_b)
     check_input(x, q_a)
     check_input(x, q_b)
     impl_a = select(x, q_a, backend)
     impl_b = select(x, q_b, backend)
-    if impl_a.backend == impl_b.backend == "triton" and x.numel() > 0:
-        mod = _triton_module("mx") if q_a.family == q_b.family == "mx" else None
-        if mod is not None and hasattr(mod, "quant_dequant_mx_pair") and mod.fusable_pair(x, q_a, q_b):
-            return mod.quant_dequant_mx_pair(x, q_a, q_b)
+    if impl_a.backend == impl_b.backend == "triton" and x.numel() > 0 and q_a.family == q_b.family == "mx":
+        mod = _triton_module("mx")
+        if mod.fusable_pair(x, q_a, q_b):
+            passed, why = _self_test_pair(mod, x, q_a, q_b)
+            if passed:
+                return mod.quant_dequant_mx_pair(x, q_a, q_b)
+            if backend is not None or _env_backend() is not None:
+                raise RuntimeError(f"the fused Triton pair kernel failed its self-test for {q_a.desc!r}, "
+                                   f"{q_b.desc!r}: {why}")
+            key = ("pair", q_a.desc, q_b.desc, x.dtype)
+            if key not in _STATE.warned:
+                _STATE.warned.add(key)
+                warnings.warn(f"fakequant: the fused Triton pair kernel for {q_a.desc!r}, {q_b.desc!r} failed its "
+                              f"self-test and is not used (two separate kernels instead): {why}", RuntimeWarning,
+                              stacklevel=2)
     return quant_dequant(x, q_a, impl_a.backend), quant_dequant(x, q_b, impl_b.backend)
+
+
+def _self_test_pair(mod, x: Tensor, q_a: QType, q_b: QType) -> tuple[bool, str]:
+    key = ("triton-pair", x.device.type, q_a.desc, q_b.desc, x.dtype)
+    result = _STATE.self_tests.get(key)
+    if result is None:
+        try:
+            c = canary(q_a, x.dtype, x.device)
+            a_axis, b_axis = q_a.q_dim % x.dim(), q_b.q_dim % x.dim()
+            qa, qb = q_a.dim(-1 if a_axis > b_axis else 0), q_b.dim(-1 if b_axis > a_axis else 0)
+            got_a, got_b = mod.quant_dequant_mx_pair(c, qa, qb)
+            bad = _mismatches(got_a, reference_quant_dequant(c, qa)) or _mismatches(got_b, reference_quant_dequant(c, qb))
+            result = (not bad, bad or "passed")
+        except Exception as err:
+            result = (False, f"{type(err).__name__}: {err}")
+        _STATE.self_tests[key] = result
+    return result
 
 
 # ---------------------------------------------------------------------------------------------- self-test
@@ -347,9 +389,19 @@ def describe(file=None) -> str:
         lines.append(f"{fam:<11} {dev:<6} {', '.join(parts)}")
     if _STATE.self_tests:
         lines.append("self-tests:")
-        for (backend, fam, dev, fmt, dtype), (ok, why) in sorted(_STATE.self_tests.items(), key=str):
-            lines.append(f"  {backend} {fmt} on {dev} {str(dtype).replace('torch.', '')}: "
+        for key, (ok, why) in sorted(_STATE.self_tests.items(), key=str):
+            if key[0] == "triton-pair":
+                _, dev, fmt_a, fmt_b, dtype = key
+                what = f"triton fused pair {fmt_a} + {fmt_b}"
+            else:
+                backend, _, dev, fmt, dtype = key
+                what = f"{backend} {fmt}"
+            lines.append(f"  {what} on {dev} {str(dtype).replace('torch.', '')}: "
                          f"{'passed' if ok else 'REFUSED: ' + why}")
+    if _STATE.status:
+        lines.append("backend status: " + "; ".join(
+            f"{b}: {'available' if ok else 'unavailable'}{' (' + why + ')' if why else ''}"
+            for b, (ok, why) in sorted(_STATE.status.items())))
     if _STATE.chosen:
         lines.append("chosen: " + ", ".join(f"{fam}@{dev} -> {b}" for (fam, dev), b in sorted(_STATE.chosen.items())))
     text = "\n".join(lines)
@@ -382,9 +434,10 @@ def _triton_available() -> tuple[bool, str]:
         try:
             import triton  # noqa: F401
 
-            _TRITON_STATUS.append((True, ""))
+            _TRITON_STATUS.append((True, f"triton {triton.__version__}"))
         except Exception as err:  # ImportError, or a broken install
             _TRITON_STATUS.append((False, f"triton does not import ({type(err).__name__}: {err})"))
+        set_backend_status("triton", *_TRITON_STATUS[0])
     return _TRITON_STATUS[0]
 
 
@@ -399,6 +452,7 @@ def _triton_check(x: Tensor, q: QType) -> tuple[bool, str]:
     ok, reason = _triton_available()
     if not ok:
         return ok, reason
+    reason = ""
     dev = x.device.type
     if dev == "cpu" and not _interpreting():
         return False, "Triton runs CPU tensors only under the interpreter (TRITON_INTERPRET=1)"

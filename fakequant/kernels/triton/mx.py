@@ -24,7 +24,7 @@ from ._common import (
     is_interpreted, load_f32, next_pow2, out_kind, saturation, plan_tiles, pow2, round_to_int, row_tile,
 )
 
-__all__ = ["quant_dequant_mx", "mx_constants"]
+__all__ = ["quant_dequant_mx", "mx_constants", "quant_dequant_mx_pair", "fusable_pair"]
 
 _FLT_MAX = 3.4028234663852886e38
 _ROUND_CODE = {"nearest": 0, "even": 1, "floor": 2}
@@ -106,6 +106,44 @@ def _mx_kernel(
     tl.store(y_ptr + offs, cast_out(y, OUT_KIND, INTERPRET, True), mask=mask)
 
 
+@triton.jit
+def _mx_pair_kernel(
+    x_ptr, ya_ptr, yb_ptr,  # input [batch, M, N] contiguous; outputs along N (last axis) and along M
+    M, N,  # the last two sizes
+    R: tl.constexpr, C: tl.constexpr,  # tile rows (a multiple of BB) and columns (a multiple of BA)
+    BA: tl.constexpr, BB: tl.constexpr,  # block sizes along N (output a) and along M (output b)
+    A_EMAX: tl.constexpr, A_EMIN: tl.constexpr, A_MBITS: tl.constexpr, A_IS_INT: tl.constexpr,
+    A_KMAX: tl.constexpr, A_BUMP_GE: tl.constexpr, A_MAXV: tl.constexpr, A_SPLIT: tl.constexpr,
+    A_SUB_AMAX: tl.constexpr, A_ROUND: tl.constexpr,
+    B_EMAX: tl.constexpr, B_EMIN: tl.constexpr, B_MBITS: tl.constexpr, B_IS_INT: tl.constexpr,
+    B_KMAX: tl.constexpr, B_BUMP_GE: tl.constexpr, B_MAXV: tl.constexpr, B_SPLIT: tl.constexpr,
+    B_SUB_AMAX: tl.constexpr, B_ROUND: tl.constexpr,
+    SAT: tl.constexpr, I64: tl.constexpr, OUT_KIND: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """One read of an [R, C] tile, two quantizations: blocks of BA along the rows (the tile viewed as
+    [R * C / BA, BA]) and blocks of BB down the columns (viewed as [R / BB, BB, C]); two writes."""
+    pid = tl.program_id(0)
+    n_c = tl.cdiv(N, C)
+    n_r = tl.cdiv(M, R)
+    pc = pid % n_c
+    rest = pid // n_c
+    pr = rest % n_r
+    pb = rest // n_r
+    if I64:
+        pb = pb.to(tl.int64)
+    rows = pr * R + tl.arange(0, R)[:, None]  # [R, 1]
+    cols = pc * C + tl.arange(0, C)[None, :]  # [1, C]
+    offs = pb * M * N + rows * N + cols
+    mask = (rows < M) & (cols < N)
+    x = load_f32(x_ptr + offs, mask, OUT_KIND, INTERPRET)
+    ya = _mx_tile(tl.reshape(x, [R * (C // BA), BA]), A_EMAX, A_EMIN, A_MBITS, A_IS_INT, A_KMAX, A_BUMP_GE,
+                  A_MAXV, A_SPLIT, A_SUB_AMAX, A_ROUND, SAT)
+    tl.store(ya_ptr + offs, cast_out(tl.reshape(ya, [R, C]), OUT_KIND, INTERPRET, True), mask=mask)
+    yb = _mx_tile(tl.reshape(x, [R // BB, BB, C]), B_EMAX, B_EMIN, B_MBITS, B_IS_INT, B_KMAX, B_BUMP_GE,
+                  B_MAXV, B_SPLIT, B_SUB_AMAX, B_ROUND, SAT)
+    tl.store(yb_ptr + offs, cast_out(tl.reshape(yb, [R, C]), OUT_KIND, INTERPRET, True), mask=mask)
+
+
 def _frac_bits(v: float) -> int:
     return struct.unpack("<I", struct.pack("<f", v))[0] & 0x7FFFFF
 
@@ -170,3 +208,56 @@ def quant_dequant_mx(x: torch.Tensor, q: QType, tile: tuple[int, int, int] | Non
         num_warps=plan.num_warps, enable_fp_fusion=False,
     )
     return y
+
+
+def _pair_axes(x: torch.Tensor, q_a: QType, q_b: QType) -> tuple[int, int] | None:
+    if x.dim() < 2:
+        return None
+    a, b = q_a.q_dim % x.dim(), q_b.q_dim % x.dim()
+    last, second = x.dim() - 1, x.dim() - 2
+    return (a, b) if {a, b} == {last, second} else None
+
+
+def fusable_pair(x: torch.Tensor, q_a: QType, q_b: QType) -> bool:
+    """Whether ``quant_dequant_mx_pair`` fuses ``q_a`` and ``q_b`` on ``x``: both MX, quantized along the last
+    two axes (one each), power-of-two block sizes up to 128, a supported dtype."""
+    if q_a.family != "mx" or q_b.family != "mx" or x.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return False
+    if _pair_axes(x, q_a, q_b) is None:
+        return False
+    return all(b & (b - 1) == 0 and b <= 128 for b in (q_a.blk_size, q_b.blk_size))
+
+
+def quant_dequant_mx_pair(x: torch.Tensor, q_a: QType, q_b: QType) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(quant_dequant_mx(x, q_a), quant_dequant_mx(x, q_b))`` in one pass over ``x``, for two MX formats
+    along the last two axes (``fusable_pair``): autograd's ``grad_output`` for dgrad (along N) and wgrad
+    (along M), or a weight for fprop and dgrad. Bit for bit the two separate results."""
+    if not fusable_pair(x, q_a, q_b):
+        raise ValueError(
+            f"quant_dequant_mx_pair: {q_a.desc!r} and {q_b.desc!r} on a {tuple(x.shape)} {x.dtype} tensor are not a "
+            "fusable pair (two MX formats along the last two axes, power-of-two blocks <= 128)"
+        )
+    a_axis, b_axis = _pair_axes(x, q_a, q_b)
+    if a_axis != x.dim() - 1:  # q_a runs down the columns: swap the roles, swap back at the end
+        yb, ya = quant_dequant_mx_pair(x, q_b, q_a)
+        return ya, yb
+    x = check_input(x, q_a.q_dim, "quant_dequant_mx_pair")
+    ya, yb = torch.empty_like(x), torch.empty_like(x)
+    if x.numel() == 0:
+        return ya, yb
+    m, n = x.shape[-2], x.shape[-1]
+    batch = x.numel() // (m * n)
+    ba, bb = q_a.blk_size, q_b.blk_size
+    interp = is_interpreted(x)
+    target = (1 << 16) if interp else 4096
+    c = max(ba, min(next_pow2(n), 128))
+    r = max(bb, min(next_pow2(m), max(1, target // c)))
+    grid = batch * -(-m // r) * -(-n // c)
+    ca = {f"A_{k}": v for k, v in mx_constants(q_a).items()}
+    cb = {f"B_{k}": v for k, v in mx_constants(q_b).items()}
+    _mx_pair_kernel[(grid,)](
+        x, ya, yb, m, n, R=r, C=c, BA=ba, BB=bb, **ca, **cb, SAT=saturation(x.dtype),
+        I64=x.numel() >= 2**31 - 2**24, OUT_KIND=out_kind(x.dtype), INTERPRET=interp,
+        num_warps=4 if r * c <= 4096 else 8, enable_fp_fusion=False,
+    )
+    return ya, yb
