@@ -422,3 +422,41 @@ def test_gpu_self_test_refuses_broken_kernel(broken_mx_kernel):
     with pytest.warns(RuntimeWarning, match="failed its self-test"):
         got = fakequant.quant_dequant(x, "mxfp8e4m3")
     assert bitwise_mismatches(got, reference_quant_dequant(x, QType("mxfp8e4m3"))) == 0
+
+
+# ------------------------------------------------------------------------------------ fused pair kernel
+PAIRS = [("mxfp8e4m3", "mxfp8e4m3"), ("mxfp4", "e4m3k8b16"), ("e0m7k8b32c", "e5m2k8b64:scale=rceil:round=even")]
+
+
+@pytest.mark.parametrize("qa,qb", PAIRS)
+def test_fused_pair_matches_reference_exact(qa, qb):
+    """One read, two quantizations (along -1 and -2): each output equals its separate reference."""
+    device = _device()
+    from fakequant.kernels.triton.mx import quant_dequant_mx_pair
+
+    for k, (shape, dtype) in enumerate((((70, 96), torch.float32), ((33, 45), torch.bfloat16),
+                                        ((2, 64, 130), torch.float16), ((128, 128), torch.bfloat16))):
+        x = adversarial(shape, dtype, seed=zlib.crc32(f"pair/{qa}/{qb}/{k}".encode())).to(device)
+        for q_a, q_b in ((QType(qa), QType(qb).dim(-2)), (QType(qa).dim(-2), QType(qb))):
+            got_a, got_b = quant_dequant_mx_pair(x, q_a, q_b)
+            assert bitwise_mismatches(got_a, reference_quant_dequant(x, q_a)) == 0, (shape, dtype, q_a)
+            assert bitwise_mismatches(got_b, reference_quant_dequant(x, q_b)) == 0, (shape, dtype, q_b)
+
+
+@pytest.mark.cuda
+def test_gpu_fused_pair_exact():
+    if not torch.cuda.is_available() or INTERPRETED:
+        pytest.skip("needs a CUDA GPU with compiled (not interpreted) Triton")
+    from fakequant.kernels.triton.mx import quant_dequant_mx_pair
+
+    total = bad = 0
+    for k, (qa, qb) in enumerate(PAIRS):
+        for dtype in DTYPES:
+            x = _gpu_adversarial((4100, 4097), dtype)
+            q_a, q_b = QType(qa), QType(qb).dim(-2)
+            got_a, got_b = quant_dequant_mx_pair(x, q_a, q_b)
+            bad += bitwise_mismatches(got_a, reference_quant_dequant(x, q_a))
+            bad += bitwise_mismatches(got_b, reference_quant_dequant(x, q_b))
+            total += 2 * x.numel()
+    print(f"GPU fused pair: {total} outputs, {bad} mismatches ({torch.cuda.get_device_name()})")
+    assert bad == 0
