@@ -20,10 +20,11 @@ float32 / int32 on Atlas A2 (910B) and later (the list is ``fakequant_npu/ops_al
 * **Tiled over the quantization axis.** ``_run`` views the input as ``[P, L, I]`` (L the axis) and walks
   tiles of whole blocks, each at most ``max(tile_elements, block_len)`` elements (``TILE_ELEMENTS`` =
   2^20 by default). Every intermediate of a tile holds at most that many elements (4 bytes each), so
-  **the peak extra memory of one call is bounded by ``C * 4 * max(tile_elements, block_len)`` bytes**,
-  C = ``PEAK_TEMPORARIES`` = 20 tile-sized temporaries alive at once (measured: 4-17), plus the per-slice maxima of ``int8sym`` (4 bytes per slice)
-  and, when the input is not contiguous, one contiguous copy of it; the output itself is the only
-  allocation that grows with the input. ``tests/test_npu_backend.py`` measures the largest intermediate.
+  **the peak extra memory of one call is bounded by ``C * 4 * max(tile_elements, block_len)`` bytes**
+  with C = ``PEAK_TEMPORARIES`` = 20 tile-sized temporaries alive at once (measured: 4 to 17; 80 MiB at
+  the default tile), plus the per-slice maxima of ``int8sym`` (4 bytes per slice) and, when the input is
+  not contiguous, one contiguous copy of it. The output is the only allocation that grows with the input.
+  ``tests/test_npu_backend.py`` measures the largest intermediate and the peak of live intermediates.
 
 Public:
 
