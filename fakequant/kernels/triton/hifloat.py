@@ -32,17 +32,16 @@ def _hif8_values(x, SATURATE: tl.constexpr):
     a grid step to the bits and clearing the bits below it (a carry moves into the next binade), flush below
     2^-23 to +0, [2^-23, 2^-22) to 2^-22, then overflow to ±32768 or ±inf."""
     b = bits_of(x)
-    e = ((b >> 23) & 0xFF) - 127
-    ae = tl.abs(e)
-    # mantissa bits of the binade: 3 for |e| <= 3, 2 for 4..7, 1 for 8..15, 0 for the denormal e = -22..-16
-    mbits = tl.where(ae <= 3, 3, tl.where(ae <= 7, 2, 1))
-    mbits = tl.where(e < -15, 0, mbits)
-    step = 23 - mbits  # bits below the grid step
-    add = tl.where(e == -23, 1 << 23, 1 << (step - 1))
-    mask = tl.where(e == -23, -(1 << 23), -(1 << step))
-    live = (e >= -23) & (e <= 15)
-    add = tl.where(live, add, 0)
-    mask = tl.where(live, mask, tl.where(e > 15, -1, 0))  # beyond 2^15 and inf/NaN: keep; below 2^-23: +0
+    f = (b >> 23) & 0xFF  # biased exponent: e = f - 127
+    ae = tl.abs(f - 127)
+    # bits below the grid step: 23 - (3, 2, 1 mantissa bits for |e| <= 3, 4..7, 8..15); 23 for the denormal
+    # binades e = -22..-16 (2^e only); 0 (keep every bit) beyond 2^15 and for inf/NaN
+    step = 20 + (ae >= 4).to(tl.int32) + (ae >= 8).to(tl.int32)
+    step = tl.where(f < 112, 23, tl.where(f > 142, 0, step))
+    add = (1 << step) >> 1
+    mask = -(1 << step)
+    add = tl.where(f == 104, 1 << 23, add)  # [2^-23, 2^-22) -> 2^-22: a carry into the next binade
+    mask = tl.where(f < 104, 0, mask)  # below 2^-23: +0
     y = float_of((b + add) & mask)
     if SATURATE:
         # clamp keeps NaN; inf and anything rounded past 2^15 -> ±32768
