@@ -519,6 +519,7 @@ def npu_registry(monkeypatch):
     saved_table = {k: dict(v) for k, v in dispatch._STATE.table.items()}
     saved_order = {k: list(v) for k, v in dispatch._STATE.auto_order.items()}
     saved = (fakequant_npu.REGISTERED, fakequant_npu.native_mx, dict(fakequant_npu._STATUS))
+    saved_status = dict(dispatch._STATE.status)
     real_canary = dispatch.canary
     # The self-test builds its canary on x.device; the stand-in device is the CPU.
     monkeypatch.setattr(dispatch, "canary", lambda q, dtype, device: real_canary(q, dtype, "cpu"))
@@ -531,6 +532,8 @@ def npu_registry(monkeypatch):
     dispatch.reset_self_tests()
     fakequant_npu.REGISTERED, fakequant_npu.native_mx = saved[0], saved[1]
     fakequant_npu._STATUS.update(saved[2])
+    dispatch._STATE.status.clear()
+    dispatch._STATE.status.update(saved_status)
 
 
 def test_stand_in_torch_npu_registers_every_family(npu_registry, capsys):
@@ -540,6 +543,7 @@ def test_stand_in_torch_npu_registers_every_family(npu_registry, capsys):
     text = dispatch.describe()
     print(text)
     assert "npu: npu > torch" in text
+    assert "npu: available (registered for 12 families (torch_npu stand-in))" in text, text
     for family in fakequant_npu.FAMILIES:
         assert any(line.split()[:2] == [family, "npu"] and "npu" in line.split()[2] for line in text.splitlines()), family
 
@@ -585,8 +589,7 @@ def test_without_torch_npu_nothing_is_registered_for_npu():
             assert set(dispatch._candidates(fam, "npu")) == {"torch"}
         text = dispatch.describe()
         print("STATUS:", reason)
-        if hasattr(dispatch, "set_backend_status"):
-            assert "torch_npu is not importable" in text, text
+        assert "npu: unavailable (not registered: torch_npu is not importable" in text, text
     """)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
