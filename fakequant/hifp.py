@@ -44,3 +44,38 @@ def quant_hif8(x: Tensor) -> Tensor:
     # Dividing by NaN turns every element NaN when the tensor holds a NaN or ±inf.
     divisor = torch.where(finite, scale, torch.full_like(scale, float("nan")))
     return saturating_cast(q / divisor, x.dtype)
+
+
+# --------------------------------------------------------------------- GEMMs (the earlier hifp module's)
+__all__ += ["hifp_matmul", "hifp_baddbmm"]
+_HIF8_GEMM_CONFIG: list = []  # the FakeQuantConfig behind hifp_matmul/hifp_baddbmm, built on first use
+
+
+def _hif8_gemm_config():
+    """Every operand of every GEMM (A, B and the gradients) in elementwise HiF8."""
+    if not _HIF8_GEMM_CONFIG:
+        from .config import FakeQuantConfig
+
+        _HIF8_GEMM_CONFIG.append(FakeQuantConfig(input="hif8", weight="hif8", grad_output="hif8"))
+    return _HIF8_GEMM_CONFIG[0]
+
+
+def hifp_matmul(A: Tensor, B: Tensor) -> Tensor:
+    """``torch.matmul(A, B)`` with A, B and the gradients in HiF8 (elementwise, formats.md §6).
+
+    Deliberate change from the earlier library: HiF8 rounding is exact (no log2 + epsilon, ties away on
+    the exact value) and the result has torch.matmul's dtype (autocast included). HiF8 is elementwise, so
+    quantizing per GEMM gives the same operands as quantizing once.
+    """
+    from .autograd import quant_matmul
+
+    return quant_matmul(A, B, _hif8_gemm_config())
+
+
+def hifp_baddbmm(input: Tensor, batch1: Tensor, batch2: Tensor, beta: float = 1.0, alpha: float = 1.0) -> Tensor:
+    """``torch.baddbmm(input, batch1, batch2, beta=beta, alpha=alpha)`` with batch1, batch2 and their
+    gradients in HiF8; ``input`` and its gradient stay in high precision (the earlier library quantized the
+    gradient of ``input`` too). Same deliberate change as ``hifp_matmul``."""
+    from .autograd import quant_baddbmm
+
+    return quant_baddbmm(input, batch1, batch2, beta, alpha, _hif8_gemm_config())

@@ -529,3 +529,29 @@ def test_quant_dequant_tensor_and_qkv_compatibility_names():
     assert_bitwise_equal(q.grad, quant_dequant(torch.ones_like(q), "e4m3k8b32"))
     q32 = q.detach().float()
     assert compat.quant_dequant_qkv(q32, q32, q32, elem_format="fp8_e5m2")[0].dtype == torch.float32
+
+
+def test_hifp_matmul_and_baddbmm_quantize_every_gemm_operand_in_hif8():
+    from fakequant.hifp import hifp_baddbmm, hifp_matmul
+
+    hif8 = QType("hif8")  # elementwise: the axis does not matter, the operand set does
+    a, b = _leaf((2, M // 2, K), torch.bfloat16, 181), _leaf((K, N), torch.bfloat16, 182)
+    g = _leaf((2, M // 2, N), torch.bfloat16, 183).detach()
+    c = hifp_matmul(a, b)
+    da, db = _grads(c, g, a, b)
+    a_, b_ = a.detach(), b.detach()
+    a2, g2 = a_.reshape(-1, K), g.reshape(-1, N)
+    assert c.dtype == torch.bfloat16
+    assert_bitwise_equal(c, torch.matmul(quant_dequant(a_, hif8), quant_dequant(b_, hif8)))
+    assert_bitwise_equal(da, quant_dequant(g2, hif8).mm(quant_dequant(b_, hif8).t()).view(a.shape))
+    assert_bitwise_equal(db, quant_dequant(a2, hif8).t().mm(quant_dequant(g2, hif8)))
+
+    inp, a3, b3 = _leaf((3, M, N), torch.float32, 184), _leaf((3, M, K), torch.float32, 185), _leaf((3, K, N), torch.float32, 186)
+    out = hifp_baddbmm(inp, a3, b3, beta=0.5, alpha=2.0)
+    (dinp,) = torch.autograd.grad(out, (inp,), g.float().new_ones(3, M, N))
+    expected = torch.baddbmm(inp.detach(), quant_dequant(a3.detach(), hif8), quant_dequant(b3.detach(), hif8),
+                             beta=0.5, alpha=2.0)
+    assert_bitwise_equal(out.detach(), expected)
+    assert_bitwise_equal(dinp, torch.full((3, M, N), 0.5))  # input's gradient stays high precision
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert hifp_matmul(a3, b3).dtype == torch.bfloat16  # autocast's dtype, as torch.matmul
