@@ -129,3 +129,18 @@ def test_mx_floor_scale_is_idempotent(values, name):
     x = torch.tensor(values, dtype=torch.float32)
     y = fakequant.quant_dequant(x, QType(name))
     assert_bitwise_equal(fakequant.quant_dequant(y, QType(name)), y + 0.0)  # y + 0.0 turns -0 into +0
+
+
+@pytest.mark.parametrize("man_bits", [10, 23])
+def test_e8_elements_span_float32(man_bits):
+    """E = 8 elements have emax 128, one binade beyond float32 (the arithmetic runs one binade lower).
+    With E8M0 scales every element keeps its own exponent, so the result is the input rounded half away
+    to M fraction bits (no element here reaches max_norm); a float64 oracle computes that directly."""
+    x = _sample((8, 64), seed=5)
+    x[0, 0] = 3e38  # a block maximum in float32's top binade
+    xd = x.double()
+    mant, e = torch.frexp(xd.abs())
+    t = mant * 2.0 ** (man_bits + 1)
+    rounded = torch.floor(t) + ((t - torch.floor(t)) >= 0.5)
+    expected = torch.copysign(rounded / 2.0 ** (man_bits + 1) * torch.exp2(e.double()), xd).float()
+    assert_bitwise_equal(fakequant.quant_dequant(x, QType(f"e8m{man_bits}k8b32")), expected)

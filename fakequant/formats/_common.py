@@ -69,12 +69,15 @@ def grid(v: Tensor, man_bits: int, emin: int, mode: str) -> Tensor:
     (subnormals included): p = max(E(v), emin), result = round(v * 2^(M-p)) * 2^(p-M).
 
     ``2^p`` is read straight from the exponent field of ``v`` (masking the mantissa), floored at ``2^emin``;
-    dividing by the quantum ``2^(p-M)`` and multiplying back are exact.
+    dividing by the quantum ``2^(p-M)`` and multiplying back are exact. A quantum below 2^-149 (only for
+    emin = -127 with M = 23) is raised to 2^-149, which leaves every float32 ``v`` unchanged, as it should.
     """
-    if not -126 <= emin <= 127 or not 0 <= man_bits <= 23:
-        raise ValueError(f"grid needs emin in -126..127 and man_bits in 0..23, got {emin}, {man_bits}")
-    binade = torch.clamp(v.view(torch.int32) & 0x7F800000, min=(emin + 127) << 23).view(torch.float32)
-    quantum = binade * 2.0**-man_bits  # 2^(p-M) >= 2^-149, exact
+    if not -127 <= emin <= 127 or not 0 <= man_bits <= 23:
+        raise ValueError(f"grid needs emin in -127..127 and man_bits in 0..23, got {emin}, {man_bits}")
+    binade = torch.clamp((v.view(torch.int32) & 0x7F800000).view(torch.float32), min=2.0**emin)
+    quantum = binade * 2.0**-man_bits
+    if emin - man_bits < -149:
+        quantum = quantum.clamp(min=2.0**-149)
     return round_int(v / quantum, mode) * quantum
 
 

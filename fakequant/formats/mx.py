@@ -52,6 +52,12 @@ class ElementFormat:
         return self.man_bits - 1 if self.is_int else self.man_bits
 
     @property
+    def frame(self) -> int:
+        """Binades the arithmetic works below the block scale: 1 for E = 8, whose top binade 2^128 is
+        beyond float32 (``y = |x| / 2^(s+1)`` then stays finite), else 0."""
+        return 1 if self.emax >= 128 else 0
+
+    @property
     def max_value(self) -> float:
         if self.is_int:
             return (2**self.man_bits - 1) / 2 ** (self.man_bits - 1)
@@ -84,12 +90,13 @@ def scale_exponent(amax: Tensor, fmt: ElementFormat, scale_mode: str, round_mode
 
 
 def quantize_elements(y: Tensor, fmt: ElementFormat, round_mode: str) -> Tensor:
-    """Round ``y >= 0`` (already divided by the block scale) to the element grid, saturating at max."""
+    """Round ``y >= 0`` (already divided by the block scale times ``2^fmt.frame``) to the element grid,
+    saturating at max; the result is in the same units as ``y``."""
     if fmt.is_int:
         q = ldexp(round_int(ldexp(y, fmt.frac_bits), round_mode), -fmt.frac_bits)
     else:
-        q = grid(y, fmt.man_bits, fmt.emin, round_mode)
-    return torch.clamp(q, max=fmt.max_value)
+        q = grid(y, fmt.man_bits, fmt.emin - fmt.frame, round_mode)
+    return torch.clamp(q, max=fmt.max_value / 2**fmt.frame)
 
 
 def _scale_back(q: Tensor, scale: Tensor) -> Tensor:
@@ -123,8 +130,9 @@ def mx_blocks(
     nan_block = nonfinite | (s > k_max)
     s = torch.clamp(s, -k_max, k_max)
     # Per-block factors (cheap): the scale carries the block's NaN so no full-size mask pass is needed.
-    scale = torch.where(nan_block, torch.full_like(amax, float("nan")), pow2(s))
-    y = blocks.abs() * pow2(-s)  # |x| / 2^s, one correctly rounded float32 product
+    s_arith = s + fmt.frame
+    scale = torch.where(nan_block, torch.full_like(amax, float("nan")), pow2(s_arith))
+    y = blocks.abs() * pow2(-s_arith)  # |x| / 2^s, one correctly rounded float32 product
     out = _scale_back(quantize_elements(y, fmt, round_mode), scale)
     out = torch.where(blocks < 0, -out, out)
     if flush_subnormal_blocks:
@@ -168,7 +176,7 @@ def quant_dequant_mx_hier(x: Tensor, q: QType) -> Tensor:
     outer = g.amax(dim=-2, keepdim=True)  # [..., n_outer, 1, 1]
     g = torch.maximum(g, outer - (2**q.k_bits - 1)).clamp(lo, hi)
     # Step 4: elements; below -254 every product is 0 or saturated alike, so clamp for fp32 arithmetic.
-    s = (g + shift).clamp(min=-254)
+    s = (g + shift + fmt.frame).clamp(min=-254)
     scale = torch.where(nonfinite, torch.full_like(amax, float("nan")), ldexp(torch.ones_like(amax), s))
     # A group clamped at hi can overflow |x| / 2^g; it saturates, so cap it at FLT_MAX first.
     q_mag = quantize_elements(ldexp(groups.abs(), -s).clamp(max=FLT_MAX), fmt, q.round_mode)

@@ -42,7 +42,9 @@ def quant_dequant_tmx(x: Tensor, q: QType) -> Tensor:
     vb = v2.amax(dim=-1, keepdim=True)  # [..., n, 1]
     live = vb > 0  # all-zero blocks: only zeros come out, any exponent in range will do
     eb = torch.where(live, exponent(vb), torch.zeros_like(vb, dtype=torch.int32))
-    pair_step = 1.0 + (v2 >= pow2(eb)).to(torch.float32)  # [..., n, 8]: 2^(Q - (eb - 1)), 2 for a top pair
+    # [..., n, 8]: 2^(Q - q_low), 2 for a top pair. When eb = -149 (the block's maximum is the smallest
+    # subnormal) q_low is clamped up to eb itself, so the top pairs take Q = q_low, step 1.
+    pair_step = 1.0 + ((v2 >= pow2(eb)) & (eb > _E_MIN)).to(torch.float32)
 
     # 2t = |x| * 2^(M-Q) and the result k * 2^(Q+1-M) need exponents beyond fp32's range in a tiny block
     # (Q down to -149 gives 2^(M+149) and 2^(-148-M)). There each factor comes in two parts: a per-pair one
