@@ -188,6 +188,20 @@ def test_triton_interpreter_parity(wq, shape):
 
 
 @triton_cpu
+def test_triton_interpreter_swapped_operands():
+    from fakequant.kernels.triton.quant_linear import TileConfig, quant_linear
+
+    w = torch.randn(48, 160)
+    p = pack(w, "nvfp4")
+    x = torch.randn(5, 160)
+    b = torch.randn(48)
+    ref = x @ fakequant.quant_dequant(w, "nvfp4").T + b
+    y = quant_linear(x, p.codes, p.scales, block=16, e4m3=True, tensor_scale=p.tensor_scale, bias=b,
+                     config=TileConfig(16, 16, 64, 1, 4, 1, 2, swap_ab=True))
+    assert _rel_l2(y, ref) < 1e-2
+
+
+@triton_cpu
 def test_triton_interpreter_split_k():
     from fakequant.kernels.triton.quant_linear import TileConfig, quant_linear
 
@@ -205,14 +219,16 @@ def test_triton_interpreter_split_k():
 # ------------------------------------------------------------------------------------------------ GPU (H100)
 @pytest.mark.cuda
 @pytest.mark.parametrize("wq", ["mxfp4", "nvfp4"])
-@pytest.mark.parametrize("m", [1, 7, 16, 100, 4096])
+@pytest.mark.parametrize("m", [1, 16, 100, 4096])
 @pytest.mark.parametrize("nk", [(4096, 4096), (1000, 2080)])
 def test_triton_matches_torch_on_gpu(wq, m, nk):
+    """Backend parity on the GPU: the tuned fused kernel vs the torch backend (bf16 activations quantized to
+    mxfp4, bf16 output), relative L2 below 1e-2; odd N and K (K not a multiple of the K tile)."""
     n, k = nk
     torch.manual_seed(m)
     w = torch.randn(n, k, device="cuda") * 0.02
-    b = torch.randn(n, device="cuda", dtype=torch.bfloat16)
-    ql = QuantLinear.from_weight(w, b.float(), weight_qtype=wq, input_qtype="mxfp4").to(torch.bfloat16)
+    b = torch.randn(n, device="cuda")
+    ql = QuantLinear.from_weight(w, b, weight_qtype=wq, input_qtype="mxfp4").to(torch.bfloat16)
     x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     ql.backend = "torch"
     ref = ql(x)
@@ -220,4 +236,32 @@ def test_triton_matches_torch_on_gpu(wq, m, nk):
     assert ql._resolve_backend(x) == "triton"
     y = ql(x)
     assert y.dtype == torch.bfloat16 and torch.isfinite(y).all()
-    assert _rel_l2(y, ref) < 1e-2
+    rel = _rel_l2(y, ref)
+    print(f"{wq} M={m} N={n} K={k}: relative L2 {rel:.2e}")
+    assert rel < 1e-2
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("e4m3", [False, True])
+def test_every_tile_configuration_on_gpu(e4m3):
+    """Every candidate configuration (plain and inline-PTX decode, swapped operands, split-K) computes the
+    same product; the tuner also refuses any that does not, but a wrong one must fail here first."""
+    from fakequant.kernels.triton.quant_linear import ALL_CONFIGS, quant_linear
+
+    torch.manual_seed(0)
+    n, k, m = 1000, 2080, 37
+    wq = "nvfp4" if e4m3 else "mxfp4"
+    w = torch.randn(n, k, device="cuda") * 0.02
+    p = pack(w, wq)
+    wd = p.unpack().double()
+    x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, device="cuda", dtype=torch.bfloat16)
+    ref = x.double() @ wd.T + b.double()
+    bad = []
+    for cfg in ALL_CONFIGS:
+        y = quant_linear(x, p.codes, p.scales, block=16 if e4m3 else 32, e4m3=e4m3, tensor_scale=p.tensor_scale,
+                         bias=b, config=cfg)
+        rel = _rel_l2(y, ref)
+        if not rel < 1e-2:
+            bad.append((cfg, rel))
+    assert not bad, bad

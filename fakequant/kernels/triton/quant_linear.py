@@ -12,7 +12,8 @@ BLK = 16, with an optional per-tensor encode scale g: w = q·S/g).
 Order (as the Triton tutorials): jit helpers and the kernel with its arguments commented, the tile
 configurations, the launcher that checks its inputs and picks a configuration.
 
-Public: ``quant_linear`` (the launcher), ``CONFIGS_SMALL_M``, ``CONFIGS_LARGE_M``, ``tuned_config``.
+Public: ``quant_linear`` (the launcher), ``TileConfig``, ``CONFIGS_SMALL_M`` / ``_MEDIUM_M`` / ``_LARGE_M``,
+``ALL_CONFIGS``, ``tuned_config``.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["quant_linear", "TileConfig", "CONFIGS_SMALL_M", "CONFIGS_LARGE_M", "tuned_config"]
+__all__ = ["quant_linear", "TileConfig", "CONFIGS_SMALL_M", "CONFIGS_MEDIUM_M", "CONFIGS_LARGE_M", "ALL_CONFIGS",
+           "tuned_config"]
 
 
 # ----------------------------------------------------------------------------------------------- jit helpers
@@ -57,8 +59,52 @@ def _e4m3_to_f32(b):
     return tl.where((b & 0x80) != 0, -value, value)
 
 
-# ---------------------------------------------------------------------------------------------------- kernel
+# Inline-PTX decode of four code bytes (one 32-bit register, pack=4) into eight bf16 values, for sm_90.
+# PRMT spreads bytes (c0, c1) to bits 0..7 and 16..23 of t; then per bf16 half the code's magnitude bits
+# move to bf16's exponent/mantissa bits 6..8 and its sign to bit 15, which reads as the E2M1 value times
+# 2^-126 (0.5 becomes the bf16 subnormal 2^-127); one bf16x2 multiply by 2^126 makes it exact (Hopper's
+# bf16 arithmetic keeps subnormals). Inputs are copied to temporaries first: "=r" outputs may share
+# registers with inputs.
+_HALVES = """
+    shl.b32 a, {t}, {sm};
+    shl.b32 b, {t}, {ss};
+    and.b32 b, b, 0x80008000;
+    and.b32 a, a, 0x01C001C0;
+    or.b32 {d}, a, b;
+    mul.rn.bf16x2 {d}, {d}, bias;
+"""
+_DECODE_ASM = tl.constexpr(
+    "{\n.reg .b32 w, t01, t23, a, b, d0, d1, d2, d3, bias;\nmov.b32 w, $4;\n"
+    "mov.b32 bias, 0x7E807E80;\n"  # bf16x2 (2^126, 2^126)
+    "prmt.b32 t01, w, 0, 0x4140;\n"  # bytes (c0, 0, c1, 0)
+    "prmt.b32 t23, w, 0, 0x4342;\n"  # bytes (c2, 0, c3, 0)
+    + _HALVES.format(d="d0", t="t01", sm=6, ss=12)  # low nibbles of c0, c1
+    + _HALVES.format(d="d1", t="t23", sm=6, ss=12)  # low nibbles of c2, c3
+    + _HALVES.format(d="d2", t="t01", sm=2, ss=8)  # high nibbles of c0, c1
+    + _HALVES.format(d="d3", t="t23", sm=2, ss=8)  # high nibbles of c2, c3
+    + "mov.b32 $0, d0;\nmov.b32 $1, d1;\nmov.b32 $2, d2;\nmov.b32 $3, d3;\n}"
+)
+
+
 @triton.jit
+def _e2m1x2_to_bf16_asm(c):
+    """(low-nibble values, high-nibble values) in bf16 of the uint8 code bytes ``c``: outputs $0/$1 (low
+    nibbles of bytes 0-1, 2-3) and $2/$3 (high nibbles), element 2i in the low half of each register."""
+    return tl.inline_asm_elementwise(
+        _DECODE_ASM, "=r,=r,=r,=r,r", [c], dtype=(tl.bfloat16, tl.bfloat16), is_pure=True, pack=4
+    )
+
+
+@triton.jit
+def _e8m0_to_bf16(b):
+    """2^(b - 127) as bf16 (exact: the byte is bf16's exponent field; 0 is the subnormal 2^-127, 255 NaN)."""
+    bits = tl.where(b == 0, 0x0040, b << 7)
+    bits = tl.where(b == 255, 0x7FC0, bits)
+    return bits.to(tl.int16).to(tl.bfloat16, bitcast=True)
+
+
+# ---------------------------------------------------------------------------------------------------- kernel
+@triton.jit(do_not_specialize=["M"])  # one compiled kernel for every batch size (M = 1 included)
 def _quant_linear_kernel(
     x_ptr,  # [M, K] activations (bf16 / fp16 / fp32), row-major, contiguous
     codes_ptr,  # [N, KC] uint8, KC = ceil(K / 2): two E2M1 codes per byte, element 2k in the low nibble
@@ -75,6 +121,8 @@ def _quant_linear_kernel(
     ATOMIC: tl.constexpr,  # split-K: add float32 partial sums into y with atomics (y pre-zeroed)
     SPLIT_K: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+    DECODE_ASM: tl.constexpr,  # decode with the inline-PTX bf16x2 path (sm_90) instead of plain Triton ops
+    SWAP_AB: tl.constexpr,  # compute Yᵀ = W·Xᵀ (weight as the register A operand of the MMA)
     INTERPRET: tl.constexpr,  # running under TRITON_INTERPRET=1
 ):
     # Program ids: tiles of Y in grouped order (GROUP_M rows of tiles share weight tiles in L2), and the
@@ -101,34 +149,59 @@ def _quant_linear_kernel(
     if DIV_G:
         g = tl.load(gscale_ptr)
 
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if SWAP_AB:
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+    else:
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                     mask=mask_m[:, None] & (offs_k[None, :] < K), other=0.0)
         offs_c = k0 // 2 + tl.arange(0, HALF_K)
         c = tl.load(codes_ptr + offs_n[:, None] * stride_cn + offs_c[None, :],
-                    mask=mask_n[:, None] & (offs_c[None, :] < KC), other=0).to(tl.int32)
+                    mask=mask_n[:, None] & (offs_c[None, :] < KC), other=0)
         offs_s = k0 // BLK + tl.arange(0, NB_K)
         sb = tl.load(scales_ptr + offs_n[:, None] * stride_sn + offs_s[None, :],
                      mask=mask_n[:, None] & (offs_s[None, :] < KS), other=0).to(tl.int32)
-        # [BN, BK/2] bytes -> [BN, BK] codes: join puts (low, high) last, so the reshape interleaves them.
-        code = tl.reshape(tl.join(c & 0xF, c >> 4), (BLOCK_N, BLOCK_K))
-        if E4M3:
-            scale = _e4m3_to_f32(sb)
+        if DECODE_ASM:
+            if E4M3:
+                scale = _e4m3_to_f32(sb).to(tl.bfloat16)  # E4M3 values are exact in bf16
+            else:
+                # The byte is bf16's exponent field: 2^(b-127), one shift. Byte 255 reads as +inf (the block's
+                # outputs are inf/NaN, as the reference's NaN block) and byte 0 as 0 instead of 2^-127 (a
+                # block below 2^-126 contributes 0): the only departures from the reference's weight values.
+                scale = (sb << 7).to(tl.int16).to(tl.bfloat16, bitcast=True)
+            lo, hi = _e2m1x2_to_bf16_asm(c)
+            # join puts (low, high) last, so the reshape interleaves them: element 2k, 2k+1 of each byte.
+            w = tl.reshape(tl.join(lo, hi), (BLOCK_N, NB_K, BLK)) * scale[:, :, None]  # exact: powers of 2
+            w = tl.reshape(w, (BLOCK_N, BLOCK_K))
         else:
-            scale = _e8m0_to_f32(sb)
-        w = tl.reshape(_e2m1_to_f32(code), (BLOCK_N, NB_K, BLK)) * scale[:, :, None]
-        w = tl.reshape(w, (BLOCK_N, BLOCK_K))
-        if DIV_G:
-            w = w / g
+            c = c.to(tl.int32)
+            code = tl.reshape(tl.join(c & 0xF, c >> 4), (BLOCK_N, BLOCK_K))
+            if E4M3:
+                scale = _e4m3_to_f32(sb)
+            else:
+                scale = _e8m0_to_f32(sb)
+            w = tl.reshape(_e2m1_to_f32(code), (BLOCK_N, NB_K, BLK)) * scale[:, :, None]
+            w = tl.reshape(w, (BLOCK_N, BLOCK_K)).to(tl.bfloat16)
         if INTERPRET:
             # The CPU interpreter's bf16 dot is wrong (triton 3.x); round the operands to bf16 and let the
             # float32 dot (numpy, exact products) stand in for the tensor cores.
-            acc = tl.dot(x.to(tl.bfloat16).to(tl.float32), tl.trans(w.to(tl.bfloat16).to(tl.float32)), acc)
+            if SWAP_AB:
+                acc = tl.dot(w.to(tl.float32), tl.trans(x.to(tl.bfloat16).to(tl.float32)), acc)
+            else:
+                acc = tl.dot(x.to(tl.bfloat16).to(tl.float32), tl.trans(w.to(tl.float32)), acc)
+        elif SWAP_AB:
+            # Yᵀ tile = W · Xᵀ: the decoded weight is the MMA's A operand straight from registers, Xᵀ comes
+            # from shared memory; no shared-memory round trip for W.
+            acc = tl.dot(w, tl.trans(x.to(tl.bfloat16)), acc)
         else:
-            acc = tl.dot(x.to(tl.bfloat16), tl.trans(w.to(tl.bfloat16)), acc)
+            acc = tl.dot(x.to(tl.bfloat16), tl.trans(w), acc)
 
+    if DIV_G:
+        acc = acc / g  # nvfp4: w = q·S/g, the 1/g factored out of the sum
+    if SWAP_AB:
+        acc = tl.trans(acc)  # [BLOCK_M, BLOCK_N]
     if HAS_BIAS:
         if pid_k == 0:
             acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
@@ -149,44 +222,52 @@ class TileConfig(NamedTuple):
     num_warps: int
     num_stages: int
     group_m: int = 8
+    decode_asm: bool = False
+    swap_ab: bool = False
 
 
-# Decode-sized batches (M <= 16) are bound by reading the weight: small N tiles and split-K spread the
-# packed bytes over every multiprocessor with several loads in flight each.
+# Candidate tiles per batch-size bucket; the first of each list uses the plain-Triton decode and is the
+# tuner's correctness reference for the others. ``decode_asm``: the inline-PTX bf16x2 decode (about 6
+# instructions per weight element instead of 11-13 in the loop, from SASS of sm_90 builds). ``swap_ab``:
+# Yᵀ = W·Xᵀ with the decoded weight as the wgmma's register operand, which lets Triton keep one wgmma group
+# in flight while the next tile decodes (W as the shared-memory B operand forces a wait after every MMA).
+T = TileConfig
+# Decode-sized batches (M <= 16) are bound by reading and decoding the weight: tiles over N and K that put
+# every multiprocessor to work with several loads in flight; split-K where N alone gives too few programs.
 CONFIGS_SMALL_M = [
-    TileConfig(16, 16, 256, 1, 4, 4),
-    TileConfig(16, 32, 256, 1, 4, 4),
-    TileConfig(16, 64, 256, 1, 4, 4),
-    TileConfig(16, 32, 512, 1, 4, 3),
-    TileConfig(16, 64, 128, 2, 4, 4),
-    TileConfig(16, 32, 256, 2, 4, 4),
-    TileConfig(16, 64, 256, 4, 4, 4),
-    TileConfig(16, 128, 256, 4, 4, 3),
-    TileConfig(16, 64, 512, 2, 4, 3),
+    T(16, 32, 256, 1, 4, 4),
+    T(16, 32, 256, 1, 4, 4, decode_asm=True),
+    T(16, 64, 256, 1, 4, 4, decode_asm=True),
+    T(16, 32, 512, 1, 4, 3, decode_asm=True),
+    T(16, 64, 512, 1, 4, 3, decode_asm=True),
+    T(16, 64, 256, 2, 4, 4, decode_asm=True),
+    T(16, 128, 256, 4, 4, 3, decode_asm=True),
+    T(16, 64, 256, 1, 4, 4, decode_asm=True, swap_ab=True),
+    T(16, 128, 128, 1, 4, 4, decode_asm=True, swap_ab=True),
+]
+CONFIGS_MEDIUM_M = [
+    T(64, 64, 128, 1, 4, 4),
+    T(64, 64, 128, 1, 4, 4, decode_asm=True),
+    T(64, 128, 128, 1, 4, 4, decode_asm=True),
+    T(64, 128, 128, 1, 4, 4, decode_asm=True, swap_ab=True),
+    T(128, 128, 64, 1, 8, 4, decode_asm=True, swap_ab=True),
 ]
 # Large batches are bound by the tensor cores: big tiles, the decode amortised over BLOCK_M rows.
 CONFIGS_LARGE_M = [
-    TileConfig(128, 128, 64, 1, 8, 4),
-    TileConfig(128, 256, 64, 1, 8, 3),
-    TileConfig(128, 128, 128, 1, 8, 3),
-    TileConfig(128, 256, 128, 1, 8, 2),
-    TileConfig(256, 128, 64, 1, 8, 3),
-    TileConfig(64, 256, 64, 1, 4, 4),
-    TileConfig(128, 64, 128, 1, 4, 4),
-    TileConfig(64, 128, 128, 1, 4, 4),
+    T(128, 256, 64, 1, 8, 3),
+    T(128, 256, 64, 1, 8, 3, decode_asm=True),
+    T(256, 128, 64, 1, 8, 3, decode_asm=True, swap_ab=True),
+    T(256, 128, 64, 1, 8, 4, decode_asm=True, swap_ab=True),
+    T(256, 128, 128, 1, 8, 2, decode_asm=True, swap_ab=True),
+    T(128, 256, 64, 1, 8, 3, decode_asm=True, swap_ab=True),
+    T(128, 128, 64, 1, 8, 4, decode_asm=True, swap_ab=True),
 ]
-# Medium batches: in between.
-CONFIGS_MEDIUM_M = [
-    TileConfig(64, 64, 128, 1, 4, 4),
-    TileConfig(64, 128, 128, 1, 4, 4),
-    TileConfig(32, 64, 256, 1, 4, 4),
-    TileConfig(64, 64, 256, 2, 4, 3),
-    TileConfig(128, 128, 64, 1, 8, 4),
-]
+ALL_CONFIGS = CONFIGS_SMALL_M + CONFIGS_MEDIUM_M + CONFIGS_LARGE_M
 # Under TRITON_INTERPRET=1 (CPU tests) one small configuration, no tuning.
 _INTERPRET_CONFIG = TileConfig(16, 16, 64, 1, 4, 1, 2)
 
 _TUNED: dict[tuple, TileConfig] = {}
+_REFUSED: dict[tuple, list] = {}  # key -> [(config, why)] refused by the tuner (wrong output or no compile)
 
 
 def _m_bucket(m: int) -> int:
@@ -210,7 +291,8 @@ def _launch(cfg: TileConfig, x, codes, scales, gscale, bias, K, blk, e4m3, out_d
         x.stride(0), codes.stride(0), scales.stride(0), y.stride(0),
         BLK=blk, E4M3=e4m3, DIV_G=gscale is not None, HAS_BIAS=bias is not None, ATOMIC=atomic,
         SPLIT_K=cfg.split_k, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        INTERPRET=_interpreting(), num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        DECODE_ASM=cfg.decode_asm and not _interpreting(), SWAP_AB=cfg.swap_ab, INTERPRET=_interpreting(),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return y.to(out_dtype) if atomic else y
 
@@ -280,18 +362,32 @@ def quant_linear(
 
 
 def _tune(key, x, codes, scales, gscale, bias, K, block, e4m3) -> TileConfig:
-    """Time each candidate once (median of a short ``do_bench``) and keep the fastest for ``key``."""
-    best, best_ms = None, float("inf")
-    for cfg in _candidates(x.shape[0], K, block):
+    """Time each candidate (median of a short ``do_bench``, L2 flushed) and keep the fastest for ``key``.
+
+    Every candidate's output is first compared with the plain-Triton decode of the first candidate; one
+    that disagrees beyond bf16 rounding (relative L2 1e-2) is refused, so a miscompiled path is never chosen.
+    """
+    candidates = _candidates(x.shape[0], K, block)
+    reference = _launch(candidates[0], x, codes, scales, gscale, bias, K, block, e4m3, torch.float32)
+    ref_norm = float(reference.double().norm()) or 1.0
+    best, best_ms, refused = None, float("inf"), []
+    for cfg in candidates:
         try:
+            out = _launch(cfg, x, codes, scales, gscale, bias, K, block, e4m3, torch.float32)
+            rel = float((out.double() - reference.double()).norm()) / ref_norm
+            if not rel < 1e-2:  # NaN included
+                refused.append((cfg, rel))
+                continue
             ms = triton.testing.do_bench(
                 lambda: _launch(cfg, x, codes, scales, gscale, bias, K, block, e4m3, x.dtype),
                 warmup=5, rep=20, return_mode="median")
-        except Exception:  # noqa: BLE001 -- a configuration that does not compile or fit is skipped
+        except Exception as err:  # noqa: BLE001 -- a configuration that does not compile or fit is skipped
+            refused.append((cfg, repr(err)[:200]))
             continue
         if ms < best_ms:
             best, best_ms = cfg, ms
+    _REFUSED[key] = refused
     if best is None:
-        raise RuntimeError(f"quant_linear kernel: no tile configuration ran for {key}")
+        raise RuntimeError(f"quant_linear kernel: no tile configuration ran for {key}: {refused}")
     _TUNED[key] = best
     return best
