@@ -11,6 +11,10 @@ from .autograd import quant_attention, quant_baddbmm, quant_bmm, quant_linear, q
 from .patch import FakeQuantLinear, PatchReport, patch, patch_functional, unpatch
 from .compat import quant_dequant_qkv, quant_dequant_tensor, quant_dequant_tensor_with_backward
 
+# The Ascend backend registers itself into the dispatch table when torch_npu imports; without it this
+# import registers nothing and records why (``fakequant.dispatch.describe()``).
+import fakequant_npu as _fakequant_npu  # noqa: E402,F401
+
 __version__ = "0.1.0"
 
 __all__ = ["QType", "quant_dequant", "__version__"]
