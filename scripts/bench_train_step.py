@@ -3,7 +3,7 @@
 Every recipe runs in the same process on the same model, data and optimizer, so the ratios compare like
 with like; the bf16 recipe (nothing quantized) is the baseline and always runs first.
 
-    python scripts/bench_train_step.py                                   # tiny GPT on CPU, all recipes
+    python scripts/bench_train_step.py --threads 1                       # tiny GPT on CPU, all recipes
     python scripts/bench_train_step.py --recipes bf16,mxfp8,mxfp4 --steps 20
     python scripts/bench_train_step.py --device cuda --preset gpt2-small # 12 layers, d=768, T=1024, batch 8,
                                                                          # bf16 weights, AdamW
@@ -85,7 +85,11 @@ def main() -> None:
     parser.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="weight dtype; default: the preset's")
     parser.add_argument("--fidelity", choices=("faithful", "reference"), default="faithful")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch intra-op threads (default: torch's); 1 is steadier for tiny CPU shapes")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     cfg, batch_size, dtype = PRESETS[args.preset]
     batch_size = args.batch or batch_size
@@ -100,7 +104,7 @@ def main() -> None:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {os.cpu_count()} cores"
     seq = args.seq or cfg.block_size
     print(f"torch {torch.__version__}, fakequant {fakequant.__version__}, device {device} ({name}), "
-          f"torch threads {torch.get_num_threads()}")
+          f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}")
     print(f"model: {args.preset} (layers {cfg.n_layer}, d {cfg.n_embd}, heads {cfg.n_head}, vocab {cfg.vocab_size}), "
           f"batch {batch_size}, T {seq}, weights {dtype}, AdamW, fidelity {args.fidelity}, "
           f"compile {args.compile}, median of {args.steps} steps after {args.warmup} warm-up")
