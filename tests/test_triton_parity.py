@@ -284,12 +284,14 @@ def test_launcher_checks_inputs():
 
 # ---------------------------------------------------------------------------------- self-test refusal
 def _off_by_one_ulp(real):
+    """``real``, with one finite nonzero output moved one ulp (of the output dtype) away from zero."""
+    int_view = {torch.float32: torch.int32, torch.bfloat16: torch.int16, torch.float16: torch.int16}
+
     def broken(x, q):
         y = real(x, q)
         flat = y.view(-1)
-        finite = torch.isfinite(flat) & (flat != 0)
-        k = int(finite.nonzero()[0])
-        flat[k] = torch.nextafter(flat[k : k + 1].float(), torch.tensor([float("inf")], device=y.device)).to(y.dtype)
+        k = int((torch.isfinite(flat) & (flat != 0)).nonzero()[0])
+        flat.view(int_view[y.dtype])[k] += 1
         return y
 
     return broken

@@ -228,7 +228,10 @@ def bf16_rne(v):
 
 @triton.jit
 def copysign_plus(mag, x):
-    """``mag`` (>= 0 or NaN) with the sign of ``x + 0`` (so -0 in gives +0): formats.md §0's sign rule."""
+    """``mag`` (>= 0 or NaN) with the sign of ``x + 0`` (so -0 in gives +0): formats.md §0's sign rule.
+
+    Done on the bits: Triton compiles a float negation ``-mag`` as ``0 - mag``, which turns -0 into +0.
+    """
     return float_of(bits_of(mag) | (bits_of(x + 0.0) & -2147483648))
 
 

@@ -19,7 +19,7 @@ import triton.language as tl
 
 from ...qtype import QType
 from ._common import (
-    FLT_MAX, bits_of, cast_out, check_input, float_of, geometry, is_interpreted, load_f32, next_pow2, out_kind,
+    FLT_MAX, bits_of, cast_out, check_input, copysign_plus, float_of, geometry, is_interpreted, load_f32, next_pow2, out_kind,
     round_to_int,
 )
 
@@ -36,7 +36,7 @@ def _int8_values(x, amax_b):
     step_mul = tl.where(amax_b < 0x7F800000, tl.where(live, step, 0.0), float("nan"))
     r = round_to_int(tl.minimum(tl.div_rn(float_of(bits_of(x) & 0x7FFFFFFF), step_div), 128.0), 1, False)
     mag = tl.minimum(tl.minimum(r, 127.0) * step_mul, FLT_MAX, propagate_nan=tl.PropagateNan.ALL)
-    return tl.where(x < 0, -mag, mag)
+    return copysign_plus(mag, x)  # a float negation compiles to 0 - mag, which loses -0
 
 
 @triton.jit

@@ -23,7 +23,7 @@ import triton.language as tl
 
 from ...qtype import QType
 from ._common import (
-    FLT_MAX, bits_of, cast_out, check_input, col_tile, float_of, geometry, is_interpreted, load_f32,
+    FLT_MAX, bits_of, cast_out, check_input, col_tile, copysign_plus, float_of, geometry, is_interpreted, load_f32,
     out_kind, plan_tiles, round_to_int, row_tile,
 )
 
@@ -63,7 +63,7 @@ def _nvf4_tile(x):
     s_div = tl.where(s > 0, s, 1.0)
     s_mul = tl.where(finite, s, float("nan"))
     mag = _e2m1(tl.div_rn(float_of(ab), s_div)) * s_mul
-    return tl.where(x < 0, -mag, mag)
+    return copysign_plus(mag, x)  # a float negation compiles to 0 - mag, which loses -0
 
 
 @triton.jit
@@ -88,7 +88,7 @@ def _nvfp4_tile(x, a_bits):
     if tl.max(risky.to(tl.int32)) > 0:
         mag = tl.div_rn(q * s, g)
     mag = tl.where(finite, mag, float("nan"))
-    return tl.where(x < 0, -mag, mag)
+    return copysign_plus(mag, x)  # a float negation compiles to 0 - mag, which loses -0
 
 
 # ----------------------------------------------------------------------------------------------- kernels
