@@ -84,4 +84,6 @@ def reference_quant_dequant(x: Tensor, q: QType | str) -> Tensor:
     x32 = x.reshape(1) if x.dim() == 0 else x
     x32 = x32.to(torch.float32)  # exact for fp16/bf16; fp64 is rounded to fp32 first (formats.md §0)
     out = reference_impl(q)(x32, q.dim(dim))
-    return saturating_cast(out, x.dtype).reshape(x.shape)
+    # A contiguous result (not a view into the padded, axis-moved buffer): GEMM and attention kernels pick
+    # their path by stride, and a view would keep the padding alive.
+    return saturating_cast(out, x.dtype).reshape(x.shape).contiguous()
