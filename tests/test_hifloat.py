@@ -1,6 +1,6 @@
 """HiF8, HiF4 and hifx<N>_v12 references (formats.md §4, §6, §7), the HiF8 codec and ``hifp.quant_hif8``.
 
-The golden cases pin the numbers; the code table and the spec's examples are checked row by row; the
+The golden cases (tests/test_golden.py) pin the numbers; the code table and the spec's examples are checked row by row; the
 properties below are the ones each format actually has (each test says why it holds).
 """
 
@@ -22,19 +22,12 @@ from fakequant.hifp import quant_hif8
 
 from .conftest import DATA, assert_bitwise_equal
 
-QTYPE_CASES = torch.load(DATA / "qtype_public.pt", weights_only=True)["cases"]
 CODE_TABLE = json.loads((DATA / "hif8_codes.json").read_text())
 FAMILIES = ("hif8", "hif4", "hifx")
 HIFX = ["hifx2_v12", "hifx3_v12", "hifx4_v12", "hifx5_v12"]
 BLOCK_FORMATS = ["hif4", *HIFX]
 ALL_FORMATS = ["hif8", "hif8:saturate=false", *BLOCK_FORMATS]
 
-
-def _qtype_of(case: dict) -> QType:
-    q = QType(case["qtype"]).dim(case["dim"])
-    for key, value in (case.get("mods") or {}).items():
-        q = getattr(q, key)(value)
-    return q
 
 
 def _qd(x: torch.Tensor, name: str | QType) -> torch.Tensor:
@@ -43,34 +36,6 @@ def _qd(x: torch.Tensor, name: str | QType) -> torch.Tensor:
 
 def _table_value(entry: dict) -> float:
     return float(entry["value"])  # "nan", "inf", "-inf" parse as floats too
-
-
-# ------------------------------------------------------------------------------------------------ golden
-GOLDEN = [c for c in QTYPE_CASES if c["kind"] == "quant_dequant" and _qtype_of(c).family in FAMILIES]
-GOLDEN_SCALED = [c for c in QTYPE_CASES if c["kind"] == "quant_hif8_scaled"]
-
-
-def test_golden_counts():
-    """The public file holds 7 hif8, 5 hif4 and 17 hifx cases, and 8 per-tensor quant_hif8 cases."""
-    counts = {f: sum(_qtype_of(c).family == f for c in GOLDEN) for f in FAMILIES}
-    assert counts == {"hif8": 7, "hif4": 5, "hifx": 17}
-    assert len(GOLDEN_SCALED) == 8
-
-
-@pytest.mark.parametrize("case", GOLDEN, ids=lambda c: f"{c['qtype']}-{c['tag']}")
-def test_golden_quant_dequant(case):
-    x = case["input"]
-    before = x.clone()
-    assert_bitwise_equal(fakequant.quant_dequant(x, _qtype_of(case)), case["expected"])
-    assert_bitwise_equal(x, before)
-
-
-@pytest.mark.parametrize("case", GOLDEN_SCALED, ids=lambda c: c["tag"])
-def test_golden_quant_hif8_scaled(case):
-    x = case["input"]
-    before = x.clone()
-    assert_bitwise_equal(quant_hif8(x), case["expected"])
-    assert_bitwise_equal(x, before)
 
 
 # ------------------------------------------------------------------------------------------ HiF8 codec

@@ -1,4 +1,4 @@
-"""nf4 and nf4B<BO>b<B> references (formats.md §9): golden cases, hand-worked blocks, hypothesis properties."""
+"""nf4 and nf4B<BO>b<B> references (formats.md §9): hand-worked blocks, hypothesis properties."""
 
 from __future__ import annotations
 
@@ -14,25 +14,12 @@ from fakequant import QType
 from fakequant.formats._common import round_int
 from fakequant.formats.nf4 import NF4_CODES, NF4_THRESHOLDS, _rhaz_
 
-from .conftest import DATA, assert_bitwise_equal
+from .conftest import assert_bitwise_equal
 
 NAN, INF = float("nan"), float("inf")
 FAMILIES = ("nf4", "nf4_double")
 DOUBLE = ("nf4B8b8", "nf4B4b16", "nf4B2b4", "nf4B3b5")  # the golden forms and two odd ones
 PROPS = settings(max_examples=30, deadline=None)
-
-
-def _golden_cases(families):
-    cases = []
-    for case in torch.load(DATA / "qtype_public.pt", weights_only=True)["cases"]:
-        if case["kind"] != "quant_dequant":
-            continue
-        q = QType(case["qtype"]).dim(case["dim"])
-        for key, value in (case.get("mods") or {}).items():
-            q = getattr(q, key)(value)
-        if q.family in families:
-            cases.append(pytest.param(case["input"], q, case["expected"], id=f"{case['qtype']}-{case['tag']}"))
-    return cases
 
 
 def _f32(*values: float) -> torch.Tensor:
@@ -41,15 +28,6 @@ def _f32(*values: float) -> torch.Tensor:
 
 def _pad(values, n: int) -> torch.Tensor:
     return torch.tensor(list(values) + [0.0] * (n - len(values)), dtype=torch.float32)
-
-
-@pytest.mark.parametrize("x, q, expected", _golden_cases(FAMILIES))
-def test_golden(x, q, expected):
-    assert_bitwise_equal(fakequant.quant_dequant(x, q), expected)
-
-
-def test_golden_covers_both_families():
-    assert {p.values[1].family for p in _golden_cases(FAMILIES)} == set(FAMILIES)
 
 
 # --------------------------------------------------------------------------------------------------------
