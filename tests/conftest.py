@@ -24,6 +24,16 @@ def assert_bitwise_equal(actual: torch.Tensor, expected: torch.Tensor) -> None:
     assert bad == 0, f"{bad} of {expected.numel()} elements differ"
 
 
+@pytest.fixture(autouse=True)
+def _one_intra_op_thread():
+    """Test tensors are tiny: extra intra-op threads only add synchronisation, and on a busy 2-core CI
+    machine OpenMP spin-waiting makes the elementwise quantizers tens of times slower. Restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -23,16 +23,6 @@ from fakequant.config import FakeQuantConfig
 from .conftest import assert_bitwise_equal
 
 
-@pytest.fixture(autouse=True)
-def _one_intra_op_thread():
-    """Tiny shapes: extra intra-op threads only add synchronisation, and on a busy 2-core machine OpenMP
-    spin-waiting makes the elementwise quantizers tens of times slower. Restored after each test."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 DTYPES = [torch.float32, torch.bfloat16]
 M, K, N = 40, 48, 36
 

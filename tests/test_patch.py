@@ -20,16 +20,6 @@ from .conftest import assert_bitwise_equal
 from .tiny_gpt import GPTConfig, TinyGPT, megatron_core_attention, synthetic_batch, train
 
 
-@pytest.fixture(autouse=True)
-def _one_intra_op_thread():
-    """Tiny shapes: extra intra-op threads only add synchronisation, and on a busy 2-core machine OpenMP
-    spin-waiting makes the elementwise quantizers tens of times slower. Restored after each test."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 GPT = GPTConfig(vocab_size=96, block_size=16, n_layer=2, n_head=2, n_embd=32)
 MXFP8 = FakeQuantConfig.from_recipe("mxfp8")
 MIXED = FakeQuantConfig(input="mxfp8e4m3", weight="mxfp4", grad_output="e5m2k8b16")
