@@ -38,7 +38,12 @@ FIDELITIES = ("faithful", "reference")
 # Output heads keep high precision by default (embeddings are not nn.Linear and are never patched).
 DEFAULT_EXCLUDE = (r"(^|\.)(lm_head|head|output|output_layer|embed_out|classifier)$",)
 FILTER_FIELDS = ("include", "exclude")
-RECIPE_DIR = Path(__file__).resolve().parent.parent / "recipes"
+# recipes/ at the top of a checkout; a built wheel carries the same files as fakequant/recipes/.
+RECIPE_DIR = next(
+    (d for d in (Path(__file__).resolve().parent.parent / "recipes", Path(__file__).resolve().parent / "recipes")
+     if d.is_dir()),
+    Path(__file__).resolve().parent.parent / "recipes",
+)
 
 # The (GEMM, operand role) pairs of a linear layer, in the order fprop, dgrad, wgrad.
 GEMM_OPERANDS = (
