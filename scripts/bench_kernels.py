@@ -44,11 +44,14 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 # serves every block size; column mode as (columns, blocks along the axis, warps); hif8 (elementwise) as
 # (elements, warps); int8sym as (rows, chunk, warps) along -1 and (columns, chunk, warps) along 0.
 ROW_SWEEP = [(512, 2), (1024, 2), (1024, 4), (2048, 4), (4096, 4)]
-COL_SWEEP = [(32, 1, 1), (32, 2, 2), (64, 1, 2), (64, 2, 4), (128, 1, 2), (128, 1, 4), (256, 1, 4), (256, 1, 8),
-             (512, 1, 4)]
+COL_SWEEP = [(32, 1, 1), (64, 2, 4), (128, 1, 4), (256, 1, 8), (512, 1, 4), (64, 4, 4),
+             # (columns, blocks, warps, scalar): unvectorised columns, whole block columns per thread
+             (32, 1, 1, True), (64, 1, 2, True), (128, 1, 4, True), (128, 2, 4, True), (256, 1, 8, True),
+             (128, 4, 4, True), (64, 4, 2, True)]
 HIF8_SWEEP = [(1024, 2), (2048, 4), (4096, 4), (4096, 8), (8192, 8)]
 INT8_ROW_SWEEP = [(1, 8192, 2), (1, 8192, 4), (1, 8192, 8)]
-INT8_COL_SWEEP = [(16, 256, 4), (32, 256, 8), (32, 512, 8), (64, 256, 8), (16, 1024, 8), (32, 1024, 16)]
+INT8_COL_SWEEP = [(16, 256, 4), (32, 256, 8), (16, 1024, 8), (128, 64, 4, True), (256, 32, 8, True),
+                  (128, 128, 4, True), (64, 128, 2, True), (32, 256, 1, True)]
 
 
 def _launcher(family: str):
@@ -86,8 +89,8 @@ def _tile(family: str, q, axis: int, cfg) -> tuple[int, int, int]:
     if axis == -1:
         elems, warps = cfg
         return (max(1, elems // block), 1, warps)
-    cols, nblk, warps = cfg
-    return (nblk, cols, warps)
+    cols, nblk, warps = cfg[:3]
+    return (nblk, cols, warps) + tuple(cfg[3:])
 
 
 def _sweep_list(family: str, axis: int):

@@ -173,16 +173,17 @@ def test_per_tensor_specials_exact(family, name):
 # Small tiles: many programs per launch, partial tiles at every edge (the interpreter otherwise runs one
 # big tile). (family, qtype, launcher, tiles to try as (blocks or rows, columns or chunk, warps)).
 SMALL_TILES = [
-    ("mx", "mxfp8e4m3", "mx:quant_dequant_mx", [(2, 4, 4), (4, 2, 4)]),
+    ("mx", "mxfp8e4m3", "mx:quant_dequant_mx", [(2, 4, 4), (4, 2, 4), (2, 4, 4, True)]),
     ("mx", "e4m3k8b24:scale=rceil", "mx:quant_dequant_mx", [(2, 4, 4), (1, 8, 4)]),
     ("hif8", "hif8", "hifloat:quant_dequant_hif8", [(64, 1, 4)]),
-    ("hif4", "hif4", "hifloat:quant_dequant_hif4", [(2, 4, 4)]),
-    ("hifx", "hifx4_v12", "hifloat:quant_dequant_hifx", [(2, 4, 4)]),
-    ("tmx", "tmx5", "tmx:quant_dequant_tmx", [(2, 4, 4)]),
-    ("nvf4", "nvf4", "nvfp:quant_dequant_nvf4", [(2, 4, 4)]),
-    ("nvfp4", "nvfp4", "nvfp:quant_dequant_nvfp4", [(2, 4, 4)]),
-    ("nf4", "nf4", "nf4:quant_dequant_nf4", [(2, 4, 4)]),
-    ("int8sym", "int8sym", "intq:quant_dequant_int8sym", [(2, 16, 4), (4, 32, 4)]),  # chunked: two walks
+    ("hif4", "hif4", "hifloat:quant_dequant_hif4", [(2, 4, 4), (1, 8, 4, True)]),
+    ("hifx", "hifx4_v12", "hifloat:quant_dequant_hifx", [(2, 4, 4), (1, 8, 4, True)]),
+    ("tmx", "tmx5", "tmx:quant_dequant_tmx", [(2, 4, 4), (2, 4, 4, True)]),
+    ("nvf4", "nvf4", "nvfp:quant_dequant_nvf4", [(2, 4, 4), (2, 4, 4, True)]),
+    ("nvfp4", "nvfp4", "nvfp:quant_dequant_nvfp4", [(2, 4, 4), (2, 4, 4, True)]),
+    ("nf4", "nf4", "nf4:quant_dequant_nf4", [(2, 4, 4), (1, 8, 4, True)]),
+    # int8sym: (rows or columns, chunk, warps[, scalar]); chunks shorter than the slice take two walks
+    ("int8sym", "int8sym", "intq:quant_dequant_int8sym", [(2, 16, 4), (4, 32, 4), (4, 32, 4, True)]),
 ]
 
 

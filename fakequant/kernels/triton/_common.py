@@ -144,11 +144,17 @@ def row_tile(pid, n_blocks, n_row_blocks, L, B: tl.constexpr, BP: tl.constexpr, 
 
 
 @triton.jit
-def col_tile(pid, n_row_blocks, L, I, B: tl.constexpr, BP: tl.constexpr, NBLK: tl.constexpr,
-             BI: tl.constexpr, I64: tl.constexpr):
+def col_tile(pid, n_row_blocks, L, I, cs, B: tl.constexpr, BP: tl.constexpr, NBLK: tl.constexpr,
+             BI: tl.constexpr, SCALAR: tl.constexpr, I64: tl.constexpr):
     """Offsets and mask of a ``[NBLK, BP, BI]`` tile of a ``[outer, L, I]`` tensor quantized along L: NBLK
     consecutive blocks of B elements along L (axis 1 of the tile) for BI consecutive columns (axis 2, the
-    contiguous one). The blocks reduce along axis 1, so no transpose is ever materialised."""
+    contiguous one). The blocks reduce along axis 1, so no transpose is ever materialised.
+
+    ``SCALAR``: the column offsets are multiplied by ``cs`` (always 1, but a runtime value the compiler cannot
+    see), so the loads are not vectorised along the columns: each thread then owns whole block columns (the
+    block maxima reduce inside the thread and per-block work is done once per block) at the price of one
+    2- or 4-byte access per element; a warp still reads 32 consecutive columns per row.
+    """
     n_i = tl.cdiv(I, BI)
     n_l = tl.cdiv(n_row_blocks, NBLK)
     pi = pid % n_i
@@ -161,7 +167,10 @@ def col_tile(pid, n_row_blocks, L, I, B: tl.constexpr, BP: tl.constexpr, NBLK: t
     j = tl.arange(0, BP)[None, :, None]  # [1, BP, 1]
     i = pi * BI + tl.arange(0, BI)[None, None, :]  # [1, 1, BI]
     pos = bl * B + j  # position along L
-    offs = po * L * I + pos * I + i
+    if SCALAR:
+        offs = po * L * I + pos * I + i * cs
+    else:
+        offs = po * L * I + pos * I + i
     mask = (j < B) & (pos < L) & (i < I)
     return offs, mask
 
@@ -190,8 +199,8 @@ def row_tile3(pid, n_blocks, n_row_blocks, L, S1: tl.constexpr, S2: tl.constexpr
 
 
 @triton.jit
-def col_tile3(pid, n_row_blocks, L, I, S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr,
-              NBLK: tl.constexpr, BI: tl.constexpr, I64: tl.constexpr):
+def col_tile3(pid, n_row_blocks, L, I, cs, S1: tl.constexpr, S2: tl.constexpr, S3: tl.constexpr,
+              NBLK: tl.constexpr, BI: tl.constexpr, SCALAR: tl.constexpr, I64: tl.constexpr):
     """``col_tile`` with the nested block layout of ``row_tile3``: a ``[NBLK, S1, S2, S3, BI]`` tile."""
     B: tl.constexpr = S1 * S2 * S3
     n_i = tl.cdiv(I, BI)
@@ -207,7 +216,10 @@ def col_tile3(pid, n_row_blocks, L, I, S1: tl.constexpr, S2: tl.constexpr, S3: t
         + tl.arange(0, S3)[None, None, None, :, None]  # [1, S1, S2, S3, 1]
     i = pi * BI + tl.arange(0, BI)[None, None, None, None, :]  # [1, 1, 1, 1, BI]
     pos = bl * B + j
-    offs = po * L * I + pos * I + i
+    if SCALAR:
+        offs = po * L * I + pos * I + i * cs
+    else:
+        offs = po * L * I + pos * I + i
     mask = (pos < L) & (i < I)
     return offs, mask
 
@@ -304,6 +316,7 @@ class TilePlan:
     bi: int  # columns per tile (column mode)
     num_warps: int
     grid: int
+    scalar: bool = False  # column mode: unvectorised columns, whole block columns per thread (col_tile)
 
 
 def plan_tiles(g: Geometry, block: int, block_pow2: int, elem_size: int, interpreted: bool,
@@ -311,11 +324,12 @@ def plan_tiles(g: Geometry, block: int, block_pow2: int, elem_size: int, interpr
     """Choose tile sizes: about ``target_elems`` elements per program on the GPU (enough bytes in flight per
     SM), one big tile per program under the interpreter (whose cost is per program and per operation)."""
     n_row_blocks = -(-g.length // block)
-    if override is not None:  # (nblk, bi, num_warps), for benchmark sweeps
-        nblk, bi, warps = override
+    if override is not None:  # (nblk, bi, num_warps[, scalar]), for benchmark sweeps
+        nblk, bi, warps = override[:3]
         if g.inner == 1:
             return TilePlan(False, nblk, 1, warps, -(-(g.outer * n_row_blocks) // nblk))
-        return TilePlan(True, nblk, bi, warps, g.outer * -(-n_row_blocks // nblk) * -(-g.inner // bi))
+        return TilePlan(True, nblk, bi, warps, g.outer * -(-n_row_blocks // nblk) * -(-g.inner // bi),
+                        bool(override[3]) if len(override) > 3 else False)
     if interpreted:
         target_elems = 1 << 16
     if g.inner == 1:

@@ -123,17 +123,18 @@ def _hif8_kernel(x_ptr, y_ptr, n, BLOCK: tl.constexpr, SATURATE: tl.constexpr, I
     tl.store(y_ptr + offs, cast_out(_hif8_values(x, SATURATE), OUT_KIND, INTERPRET, True), mask=mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["cs"])
 def _hif_block64_kernel(
     x_ptr, y_ptr,  # input and output, same dtype, contiguous
-    n_blocks, n_row_blocks, L, I,  # blocks in all (row mode); 64-blocks per slice; axis length; inner size
-    NBLK: tl.constexpr, BI: tl.constexpr, COL: tl.constexpr, EVEN: tl.constexpr, I64: tl.constexpr,
+    n_blocks, n_row_blocks, L, I, cs,  # blocks in all (row mode); 64-blocks per slice; axis length; inner size
+    NBLK: tl.constexpr, BI: tl.constexpr, COL: tl.constexpr, SCALAR: tl.constexpr, EVEN: tl.constexpr,
+    I64: tl.constexpr,
     HIF4: tl.constexpr, MBITS: tl.constexpr,  # HiF4, or hifx with M = N - 1
     OUT_KIND: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     pid = tl.program_id(0)
     if COL:
-        offs, mask = col_tile3(pid, n_row_blocks, L, I, 8, 2, 4, NBLK, BI, I64)
+        offs, mask = col_tile3(pid, n_row_blocks, L, I, cs, 8, 2, 4, NBLK, BI, SCALAR, I64)
         x = load_f32(x_ptr + offs, mask, OUT_KIND, INTERPRET)
         if HIF4:
             y = _hif4_tile(x)
@@ -181,8 +182,8 @@ def _block64(x: torch.Tensor, q: QType, hif4: bool, mbits: int, name: str, tile)
     plan = plan_tiles(g, 64, 64, x.element_size(), interp, override=tile)
     n_row_blocks = -(-g.length // 64)
     _hif_block64_kernel[(plan.grid,)](
-        x, y, g.outer * n_row_blocks, n_row_blocks, g.length, g.inner,
-        NBLK=plan.nblk, BI=plan.bi, COL=plan.col, EVEN=g.length % 64 == 0, I64=x.numel() >= 2**31 - 2**24,
+        x, y, g.outer * n_row_blocks, n_row_blocks, g.length, g.inner, 1,
+        NBLK=plan.nblk, BI=plan.bi, COL=plan.col, SCALAR=plan.scalar, EVEN=g.length % 64 == 0, I64=x.numel() >= 2**31 - 2**24,
         HIF4=hif4, MBITS=mbits, OUT_KIND=out_kind(x.dtype), INTERPRET=interp,
         num_warps=plan.num_warps, enable_fp_fusion=False,
     )

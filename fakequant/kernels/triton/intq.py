@@ -39,12 +39,13 @@ def _int8_values(x, amax_b):
     return copysign_plus(mag, x)  # a float negation compiles to 0 - mag, which loses -0
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["cs"])
 def _int8sym_kernel(
     x_ptr, y_ptr,  # input and output, same dtype, contiguous
-    n_slices, L, I,  # slices (row mode: rows); axis length; inner size (1 in row mode)
+    n_slices, L, I, cs,  # slices (row mode: rows); axis length; inner size (1 in row mode); 1 (see col_tile)
     NR: tl.constexpr, CH: tl.constexpr, BI: tl.constexpr,  # rows per program, chunk along L, columns
-    COL: tl.constexpr, SINGLE: tl.constexpr, I64: tl.constexpr, OUT_KIND: tl.constexpr, INTERPRET: tl.constexpr,
+    COL: tl.constexpr, SCALAR: tl.constexpr, SINGLE: tl.constexpr, I64: tl.constexpr, OUT_KIND: tl.constexpr,
+    INTERPRET: tl.constexpr,
 ):
     pid = tl.program_id(0)
     if COL:
@@ -54,7 +55,10 @@ def _int8sym_kernel(
         if I64:
             po = po.to(tl.int64)
         i = (pid % n_i) * BI + tl.arange(0, BI)[None, :]
-        base = po * L * I + i
+        if SCALAR:  # whole slices per thread, unvectorised columns (col_tile's SCALAR)
+            base = po * L * I + i * cs
+        else:
+            base = po * L * I + i
         lpos = tl.arange(0, CH)[:, None]
         cmask = i < I
         if SINGLE:
@@ -123,8 +127,10 @@ def quant_dequant_int8sym(x: torch.Tensor, q: QType, tile: tuple[int, int, int] 
     if col:
         bi = min(next_pow2(g.inner), 32 if not interp else 256)
         ch = min(lp, max(1, target // bi))
+        scalar = False
         if tile is not None:
             bi, ch = tile[0], tile[1]
+            scalar = len(tile) > 3 and bool(tile[3])
         grid = g.outer * triton.cdiv(g.inner, bi)
         nr = 1
     else:
@@ -134,9 +140,10 @@ def quant_dequant_int8sym(x: torch.Tensor, q: QType, tile: tuple[int, int, int] 
             nr, ch = tile[0], tile[1]
         grid = triton.cdiv(g.outer, nr)
         bi = 1
+        scalar = False
     warps = tile[2] if tile is not None else (8 if nr * ch * bi >= 8192 else 4)
     _int8sym_kernel[(grid,)](
-        x, y, g.outer, g.length, g.inner, NR=nr, CH=ch, BI=bi, COL=col, SINGLE=ch >= g.length,
+        x, y, g.outer, g.length, g.inner, 1, NR=nr, CH=ch, BI=bi, COL=col, SCALAR=scalar, SINGLE=ch >= g.length,
         I64=x.numel() >= 2**31 - 2**24, OUT_KIND=out_kind(x.dtype), INTERPRET=interp,
         num_warps=warps, enable_fp_fusion=False,
     )

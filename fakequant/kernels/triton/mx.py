@@ -86,19 +86,20 @@ def _mx_tile(x, EMAX: tl.constexpr, EMIN: tl.constexpr, MBITS: tl.constexpr, IS_
     return copysign_plus(out, x)  # sign from the input; -0 in gives +0 (formats.md §0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["cs"])
 def _mx_kernel(
     x_ptr, y_ptr,  # input and output, same dtype, contiguous
-    n_blocks, n_row_blocks, L, I,  # blocks in all (row mode); blocks per slice; axis length; inner size
+    n_blocks, n_row_blocks, L, I, cs,  # blocks in all (row mode); blocks per slice; axis length; inner size
     B: tl.constexpr, BP: tl.constexpr,  # block size and its power-of-two padding
-    NBLK: tl.constexpr, BI: tl.constexpr, COL: tl.constexpr, EVEN: tl.constexpr, I64: tl.constexpr,
+    NBLK: tl.constexpr, BI: tl.constexpr, COL: tl.constexpr, SCALAR: tl.constexpr, EVEN: tl.constexpr,
+    I64: tl.constexpr,
     EMAX: tl.constexpr, EMIN: tl.constexpr, MBITS: tl.constexpr, IS_INT: tl.constexpr, KMAX: tl.constexpr,
     BUMP_GE: tl.constexpr, MAXV: tl.constexpr, SPLIT: tl.constexpr, SUB_AMAX: tl.constexpr,
     ROUND: tl.constexpr, SAT: tl.constexpr, OUT_KIND: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     pid = tl.program_id(0)
     if COL:
-        offs, mask = col_tile(pid, n_row_blocks, L, I, B, BP, NBLK, BI, I64)
+        offs, mask = col_tile(pid, n_row_blocks, L, I, cs, B, BP, NBLK, BI, SCALAR, I64)
     else:
         offs, mask = row_tile(pid, n_blocks, n_row_blocks, L, B, BP, NBLK, EVEN, I64)
     x = load_f32(x_ptr + offs, mask, OUT_KIND, INTERPRET)
@@ -202,8 +203,8 @@ def quant_dequant_mx(x: torch.Tensor, q: QType, tile: tuple[int, int, int] | Non
     plan = plan_tiles(g, block, bp, x.element_size(), interp, override=tile)
     n_row_blocks = -(-g.length // block)
     _mx_kernel[(plan.grid,)](
-        x, y, g.outer * n_row_blocks, n_row_blocks, g.length, g.inner,
-        B=block, BP=bp, NBLK=plan.nblk, BI=plan.bi, COL=plan.col, EVEN=g.length % block == 0,
+        x, y, g.outer * n_row_blocks, n_row_blocks, g.length, g.inner, 1,
+        B=block, BP=bp, NBLK=plan.nblk, BI=plan.bi, COL=plan.col, SCALAR=plan.scalar, EVEN=g.length % block == 0,
         I64=x.numel() >= 2**31 - 2**24, **mx_constants(q), SAT=saturation(x.dtype), OUT_KIND=out_kind(x.dtype), INTERPRET=interp,
         num_warps=plan.num_warps, enable_fp_fusion=False,
     )

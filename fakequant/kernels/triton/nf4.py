@@ -45,16 +45,17 @@ def _nf4_tile(x, thr_ptr, code_ptr):
     return code * a_mul
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["cs"])
 def _nf4_kernel(
     x_ptr, y_ptr, thr_ptr, code_ptr,  # input, output (same dtype, contiguous), the two 16-entry tables
-    n_blocks, n_row_blocks, L, I,  # blocks in all (row mode); 64-blocks per slice; axis length; inner size
-    NBLK: tl.constexpr, BI: tl.constexpr, COL: tl.constexpr, EVEN: tl.constexpr, I64: tl.constexpr,
+    n_blocks, n_row_blocks, L, I, cs,  # blocks in all (row mode); 64-blocks per slice; axis length; inner size
+    NBLK: tl.constexpr, BI: tl.constexpr, COL: tl.constexpr, SCALAR: tl.constexpr, EVEN: tl.constexpr,
+    I64: tl.constexpr,
     OUT_KIND: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     pid = tl.program_id(0)
     if COL:
-        offs, mask = col_tile(pid, n_row_blocks, L, I, 64, 64, NBLK, BI, I64)
+        offs, mask = col_tile(pid, n_row_blocks, L, I, cs, 64, 64, NBLK, BI, SCALAR, I64)
     else:
         offs, mask = row_tile(pid, n_blocks, n_row_blocks, L, 64, 64, NBLK, EVEN, I64)
     x = load_f32(x_ptr + offs, mask, OUT_KIND, INTERPRET)
@@ -83,8 +84,8 @@ def quant_dequant_nf4(x: torch.Tensor, q: QType, tile: tuple[int, int, int] | No
     plan = plan_tiles(g, 64, 64, x.element_size(), interp, override=tile)
     n_row_blocks = -(-g.length // 64)
     _nf4_kernel[(plan.grid,)](
-        x, y, thr, codes, g.outer * n_row_blocks, n_row_blocks, g.length, g.inner,
-        NBLK=plan.nblk, BI=plan.bi, COL=plan.col, EVEN=g.length % 64 == 0, I64=x.numel() >= 2**31 - 2**24,
+        x, y, thr, codes, g.outer * n_row_blocks, n_row_blocks, g.length, g.inner, 1,
+        NBLK=plan.nblk, BI=plan.bi, COL=plan.col, SCALAR=plan.scalar, EVEN=g.length % 64 == 0, I64=x.numel() >= 2**31 - 2**24,
         OUT_KIND=out_kind(x.dtype), INTERPRET=interp, num_warps=plan.num_warps, enable_fp_fusion=False,
     )
     return y

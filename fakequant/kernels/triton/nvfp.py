@@ -106,18 +106,19 @@ def _finite_amax_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr, I64: tl.constexp
     tl.atomic_max(out_ptr, m)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["cs"])
 def _nvfp_kernel(
     x_ptr, y_ptr, amax_ptr,  # input, output (same dtype, contiguous), nvfp4's tensor maximum (int32 bits)
-    n_blocks, n_row_blocks, L, I,  # blocks in all (row mode); 16-blocks per slice; axis length; inner size
-    NBLK: tl.constexpr, BI: tl.constexpr, COL: tl.constexpr, EVEN: tl.constexpr, I64: tl.constexpr,
+    n_blocks, n_row_blocks, L, I, cs,  # blocks in all (row mode); 16-blocks per slice; axis length; inner size
+    NBLK: tl.constexpr, BI: tl.constexpr, COL: tl.constexpr, SCALAR: tl.constexpr, EVEN: tl.constexpr,
+    I64: tl.constexpr,
     TENSOR_SCALE: tl.constexpr, OUT_KIND: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     pid = tl.program_id(0)
     if TENSOR_SCALE:
         pid = tl.num_programs(0) - 1 - pid  # reverse: start where the amax pass ended
     if COL:
-        offs, mask = col_tile(pid, n_row_blocks, L, I, 16, 16, NBLK, BI, I64)
+        offs, mask = col_tile(pid, n_row_blocks, L, I, cs, 16, 16, NBLK, BI, SCALAR, I64)
     else:
         offs, mask = row_tile(pid, n_blocks, n_row_blocks, L, 16, 16, NBLK, EVEN, I64)
     x = load_f32(x_ptr + offs, mask, OUT_KIND, INTERPRET)
@@ -156,8 +157,8 @@ def _launch(x: torch.Tensor, q: QType, tensor_scale: bool, name: str, tile) -> t
     plan = plan_tiles(g, 16, 16, x.element_size(), interp, override=tile)
     n_row_blocks = -(-g.length // 16)
     _nvfp_kernel[(plan.grid,)](
-        x, y, amax, g.outer * n_row_blocks, n_row_blocks, g.length, g.inner,
-        NBLK=plan.nblk, BI=plan.bi, COL=plan.col, EVEN=g.length % 16 == 0, I64=x.numel() >= 2**31 - 2**24,
+        x, y, amax, g.outer * n_row_blocks, n_row_blocks, g.length, g.inner, 1,
+        NBLK=plan.nblk, BI=plan.bi, COL=plan.col, SCALAR=plan.scalar, EVEN=g.length % 16 == 0, I64=x.numel() >= 2**31 - 2**24,
         TENSOR_SCALE=tensor_scale, OUT_KIND=out_kind(x.dtype), INTERPRET=interp,
         num_warps=plan.num_warps, enable_fp_fusion=False,
     )

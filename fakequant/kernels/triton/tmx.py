@@ -50,16 +50,17 @@ def _tmx_tile(x, MBITS: tl.constexpr):
     return copysign_plus((k * down_pair) * down_rest_f, x)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["cs"])
 def _tmx_kernel(
     x_ptr, y_ptr,  # input and output, same dtype, contiguous
-    n_blocks, n_row_blocks, L, I,  # blocks in all (row mode); 16-blocks per slice; axis length; inner size
-    NBLK: tl.constexpr, BI: tl.constexpr, COL: tl.constexpr, EVEN: tl.constexpr, I64: tl.constexpr,
+    n_blocks, n_row_blocks, L, I, cs,  # blocks in all (row mode); 16-blocks per slice; axis length; inner size
+    NBLK: tl.constexpr, BI: tl.constexpr, COL: tl.constexpr, SCALAR: tl.constexpr, EVEN: tl.constexpr,
+    I64: tl.constexpr,
     MBITS: tl.constexpr, OUT_KIND: tl.constexpr, INTERPRET: tl.constexpr,
 ):
     pid = tl.program_id(0)
     if COL:
-        offs, mask = col_tile3(pid, n_row_blocks, L, I, 4, 2, 2, NBLK, BI, I64)
+        offs, mask = col_tile3(pid, n_row_blocks, L, I, cs, 4, 2, 2, NBLK, BI, SCALAR, I64)
         x = load_f32(x_ptr + offs, mask, OUT_KIND, INTERPRET)
         tl.store(y_ptr + offs, cast_out(_tmx_tile(x, MBITS), OUT_KIND, INTERPRET), mask=mask)
     else:
@@ -83,8 +84,8 @@ def quant_dequant_tmx(x: torch.Tensor, q: QType, tile: tuple[int, int, int] | No
     plan = plan_tiles(g, 16, 16, x.element_size(), interp, override=tile)
     n_row_blocks = -(-g.length // 16)
     _tmx_kernel[(plan.grid,)](
-        x, y, g.outer * n_row_blocks, n_row_blocks, g.length, g.inner,
-        NBLK=plan.nblk, BI=plan.bi, COL=plan.col, EVEN=g.length % 16 == 0, I64=x.numel() >= 2**31 - 2**24,
+        x, y, g.outer * n_row_blocks, n_row_blocks, g.length, g.inner, 1,
+        NBLK=plan.nblk, BI=plan.bi, COL=plan.col, SCALAR=plan.scalar, EVEN=g.length % 16 == 0, I64=x.numel() >= 2**31 - 2**24,
         MBITS=q.man_bits, OUT_KIND=out_kind(x.dtype), INTERPRET=interp,
         num_warps=plan.num_warps, enable_fp_fusion=False,
     )
