@@ -8,7 +8,8 @@ from .dispatch import quant_dequant
 from .qtype import QType
 from .config import FakeQuantConfig
 from .autograd import quant_attention, quant_baddbmm, quant_bmm, quant_linear, quant_matmul, quant_ste
-from .patch import FakeQuantLinear, PatchReport, patch, patch_functional, unpatch
+from .patch import FakeQuantLinear, PatchReport, attach_observer, detach_observer, patch, patch_functional, unpatch
+from .observe import OperandEvent
 from .compat import quant_dequant_qkv, quant_dequant_tensor, quant_dequant_tensor_with_backward
 
 # The Ascend backend registers itself into the dispatch table when torch_npu imports; without it this
@@ -21,5 +22,6 @@ __all__ = ["QType", "quant_dequant", "__version__"]
 __all__ += [
     "FakeQuantConfig", "quant_linear", "quant_matmul", "quant_bmm", "quant_baddbmm", "quant_attention", "quant_ste",
     "patch", "unpatch", "patch_functional", "FakeQuantLinear", "PatchReport",
+    "attach_observer", "detach_observer", "OperandEvent",
     "quant_dequant_tensor", "quant_dequant_tensor_with_backward", "quant_dequant_qkv",
 ]

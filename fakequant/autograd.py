@@ -17,6 +17,10 @@ Rules every function here follows:
 
 Every quantization goes through ``fakequant.dispatch.quant_dequant`` so that Triton/NPU kernels plug in.
 
+Observers (``fakequant.observe``): each function takes an optional ``ObserverSite`` (``None`` = no observers,
+then nothing else runs) and, after quantizing an operand, forward or backward, calls its observers with the
+layer, GEMM, role, format, high-precision operand and quantized operand.
+
 Public: ``quant_linear``, ``quant_matmul``, ``quant_bmm``, ``quant_baddbmm``, ``quant_attention``,
 ``quant_ste``, ``GemmPlan``, ``gemm_plan``, ``AttentionPlan``, ``attention_plan``.
 """
@@ -35,6 +39,7 @@ from torch import Tensor
 
 from .config import FakeQuantConfig
 from .dispatch import quant_dequant
+from .observe import ObserverSite
 from .qtype import QType
 
 __all__ = [
@@ -145,6 +150,14 @@ def _q(x: Tensor, q: str | None) -> Tensor:
     return torch.ops.fakequant.gemm_operand_qdq(x, q)
 
 
+def _qo(x: Tensor, q: str | None, site: ObserverSite | None, gemm: str, operand: int) -> Tensor:
+    """``_q``, then tell the observers of ``site`` (if any): ``operand`` 0 = A, 1 = B, 2 = dC of C = A·B."""
+    y = _q(x, q)
+    if site is not None and q is not None:
+        site.notify(gemm, site.roles[operand], q, x, y)
+    return y
+
+
 # depth > 0 while a quantizer runs, so that patch_functional leaves any torch op it calls alone.
 _QUANTIZING = threading.local()
 
@@ -227,26 +240,28 @@ class _QuantLinear(torch.autograd.Function):
     # The ops mirror plain torch's (F.linear forward; mm for dgrad/wgrad as addmm/mm backward does).
 
     @staticmethod
-    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, plan: GemmPlan) -> Tensor:
+    def forward(ctx, x: Tensor, weight: Tensor, bias: Tensor | None, plan: GemmPlan,
+                site: ObserverSite | None = None) -> Tensor:
         ctx.save_for_backward(x, weight)
-        ctx.plan = plan
+        ctx.plan, ctx.site = plan, site
         ctx.bias_shape = None if bias is None else bias.shape
-        return _linear(_q(x, plan.a_fprop), _q(weight, plan.b_fprop), bias)
+        return _linear(_qo(x, plan.a_fprop, site, "fprop", 0), _qo(weight, plan.b_fprop, site, "fprop", 1), bias)
 
     @staticmethod
     def backward(ctx, dy: Tensor):
         x, weight = ctx.saved_tensors
-        plan = ctx.plan
+        plan, site = ctx.plan, ctx.site
         dy2 = dy.reshape(-1, dy.shape[-1])  # [M, N]
         dx = dw = db = None
         if ctx.needs_input_grad[0]:
-            dx = _q(dy2, plan.g_dgrad).mm(_q(weight, plan.b_dgrad)).view(x.shape)  # [M, K] -> x's shape
+            dx = _qo(dy2, plan.g_dgrad, site, "dgrad", 2).mm(
+                _qo(weight, plan.b_dgrad, site, "dgrad", 1)).view(x.shape)  # [M, K] -> x's shape
         if ctx.needs_input_grad[1]:
             x2 = x.reshape(-1, x.shape[-1])  # [M, K]
-            dw = _q(dy2, plan.g_wgrad).t().mm(_q(x2, plan.a_wgrad))  # [N, K]
+            dw = _qo(dy2, plan.g_wgrad, site, "wgrad", 2).t().mm(_qo(x2, plan.a_wgrad, site, "wgrad", 0))  # [N, K]
         if ctx.bias_shape is not None and ctx.needs_input_grad[2]:
             db = dy2.sum_to_size(ctx.bias_shape)
-        return dx, dw, db, None  # None: plan
+        return dx, dw, db, None, None  # None: plan, site
 
 
 def quant_linear(x: Tensor, weight: Tensor, bias: Tensor | None, config: FakeQuantConfig) -> Tensor:
@@ -255,7 +270,8 @@ def quant_linear(x: Tensor, weight: Tensor, bias: Tensor | None, config: FakeQua
     return _apply_linear(x, weight, bias, gemm_plan(config, "linear"))
 
 
-def _apply_linear(x: Tensor, weight: Tensor, bias: Tensor | None, plan: GemmPlan) -> Tensor:
+def _apply_linear(x: Tensor, weight: Tensor, bias: Tensor | None, plan: GemmPlan,
+                  site: ObserverSite | None = None) -> Tensor:
     _check_tensor(x, "x", "quant_linear")
     _check_tensor(weight, "weight", "quant_linear", 2)
     if weight.dim() != 2 or x.shape[-1] != weight.shape[-1]:
@@ -265,7 +281,7 @@ def _apply_linear(x: Tensor, weight: Tensor, bias: Tensor | None, plan: GemmPlan
         )
     (x, weight, bias), device_type = _autocast_cast(x, weight, bias)
     with _no_autocast(device_type):
-        return _QuantLinear.apply(x, weight, bias, plan)
+        return _QuantLinear.apply(x, weight, bias, plan, site)
 
 
 # --------------------------------------------------------------------------------------------- matmul
@@ -278,29 +294,31 @@ class _QuantMatmul(torch.autograd.Function):
     # plain torch's backward does) and wgrad's blocks run along the folded rows, as for a linear layer.
 
     @staticmethod
-    def forward(ctx, a: Tensor, b: Tensor, plan: GemmPlan) -> Tensor:
+    def forward(ctx, a: Tensor, b: Tensor, plan: GemmPlan, site: ObserverSite | None = None) -> Tensor:
         ctx.save_for_backward(a, b)
-        ctx.plan = plan
-        return _matmul(_q(a, plan.a_fprop), _q(b, plan.b_fprop))
+        ctx.plan, ctx.site = plan, site
+        return _matmul(_qo(a, plan.a_fprop, site, "fprop", 0), _qo(b, plan.b_fprop, site, "fprop", 1))
 
     @staticmethod
     def backward(ctx, g: Tensor):
         a, b = ctx.saved_tensors
-        plan = ctx.plan
+        plan, site = ctx.plan, ctx.site
         da = db = None
         if b.dim() == 2:
             g2 = g.reshape(-1, g.shape[-1])  # [M, N]
             if ctx.needs_input_grad[0]:
-                da = _q(g2, plan.g_dgrad).mm(_q(b, plan.b_dgrad).t()).view(a.shape)
+                da = _qo(g2, plan.g_dgrad, site, "dgrad", 2).mm(_qo(b, plan.b_dgrad, site, "dgrad", 1).t()).view(a.shape)
             if ctx.needs_input_grad[1]:
                 a2 = a.reshape(-1, a.shape[-1])  # [M, K]
-                db = _q(a2, plan.a_wgrad).t().mm(_q(g2, plan.g_wgrad))
+                db = _qo(a2, plan.a_wgrad, site, "wgrad", 0).t().mm(_qo(g2, plan.g_wgrad, site, "wgrad", 2))
         else:
             if ctx.needs_input_grad[0]:
-                da = _matmul(_q(g, plan.g_dgrad), _q(b, plan.b_dgrad).mT).sum_to_size(a.shape)
+                da = _matmul(_qo(g, plan.g_dgrad, site, "dgrad", 2),
+                             _qo(b, plan.b_dgrad, site, "dgrad", 1).mT).sum_to_size(a.shape)
             if ctx.needs_input_grad[1]:
-                db = _matmul(_q(a, plan.a_wgrad).mT, _q(g, plan.g_wgrad)).sum_to_size(b.shape)
-        return da, db, None  # None: plan
+                db = _matmul(_qo(a, plan.a_wgrad, site, "wgrad", 0).mT,
+                             _qo(g, plan.g_wgrad, site, "wgrad", 2)).sum_to_size(b.shape)
+        return da, db, None, None  # None: plan, site
 
 
 def quant_matmul(a: Tensor, b: Tensor, config: FakeQuantConfig) -> Tensor:
@@ -310,18 +328,18 @@ def quant_matmul(a: Tensor, b: Tensor, config: FakeQuantConfig) -> Tensor:
     return _apply_matmul(a, b, gemm_plan(config, "matmul"))
 
 
-def _apply_matmul(a: Tensor, b: Tensor, plan: GemmPlan) -> Tensor:
+def _apply_matmul(a: Tensor, b: Tensor, plan: GemmPlan, site: ObserverSite | None = None) -> Tensor:
     _check_tensor(a, "a", "quant_matmul")
     _check_tensor(b, "b", "quant_matmul")
     if a.dim() == 1:  # a vector is one row: [K] -> [1, K]
-        return _apply_matmul(a.unsqueeze(0), b, plan).squeeze(-2)
+        return _apply_matmul(a.unsqueeze(0), b, plan, site).squeeze(-2)
     if b.dim() == 1:  # a vector is one column: [K] -> [K, 1]
-        return _apply_matmul(a, b.unsqueeze(-1), plan).squeeze(-1)
+        return _apply_matmul(a, b.unsqueeze(-1), plan, site).squeeze(-1)
     if a.shape[-1] != b.shape[-2]:
         raise ValueError(f"quant_matmul: a {tuple(a.shape)} and b {tuple(b.shape)} cannot be multiplied")
     (a, b), device_type = _autocast_cast(a, b)
     with _no_autocast(device_type):
-        return _QuantMatmul.apply(a, b, plan)
+        return _QuantMatmul.apply(a, b, plan, site)
 
 
 # ------------------------------------------------------------------------------------- bmm / baddbmm
@@ -332,21 +350,21 @@ class _QuantBmm(torch.autograd.Function):
     #   wgrad: dB = Q(A along M)ᵀ · Q(dC along M)
 
     @staticmethod
-    def forward(ctx, a: Tensor, b: Tensor, plan: GemmPlan) -> Tensor:
+    def forward(ctx, a: Tensor, b: Tensor, plan: GemmPlan, site: ObserverSite | None = None) -> Tensor:
         ctx.save_for_backward(a, b)
-        ctx.plan = plan
-        return _bmm(_q(a, plan.a_fprop), _q(b, plan.b_fprop))
+        ctx.plan, ctx.site = plan, site
+        return _bmm(_qo(a, plan.a_fprop, site, "fprop", 0), _qo(b, plan.b_fprop, site, "fprop", 1))
 
     @staticmethod
     def backward(ctx, g: Tensor):
         a, b = ctx.saved_tensors
-        plan = ctx.plan
+        plan, site = ctx.plan, ctx.site
         da = db = None
         if ctx.needs_input_grad[0]:
-            da = _q(g, plan.g_dgrad).bmm(_q(b, plan.b_dgrad).transpose(1, 2))
+            da = _qo(g, plan.g_dgrad, site, "dgrad", 2).bmm(_qo(b, plan.b_dgrad, site, "dgrad", 1).transpose(1, 2))
         if ctx.needs_input_grad[1]:
-            db = _q(a, plan.a_wgrad).transpose(1, 2).bmm(_q(g, plan.g_wgrad))
-        return da, db, None  # None: plan
+            db = _qo(a, plan.a_wgrad, site, "wgrad", 0).transpose(1, 2).bmm(_qo(g, plan.g_wgrad, site, "wgrad", 2))
+        return da, db, None, None  # None: plan, site
 
 
 class _QuantBaddbmm(torch.autograd.Function):
@@ -358,23 +376,27 @@ class _QuantBaddbmm(torch.autograd.Function):
     # Scaling by alpha/beta only when they differ from 1, as plain torch's backward does.
 
     @staticmethod
-    def forward(ctx, inp: Tensor, a: Tensor, b: Tensor, beta: float, alpha: float, plan: GemmPlan) -> Tensor:
+    def forward(ctx, inp: Tensor, a: Tensor, b: Tensor, beta: float, alpha: float, plan: GemmPlan,
+                site: ObserverSite | None = None) -> Tensor:
         ctx.save_for_backward(a, b)
-        ctx.plan, ctx.beta, ctx.alpha, ctx.inp_shape = plan, beta, alpha, inp.shape
-        return _baddbmm(inp, _q(a, plan.a_fprop), _q(b, plan.b_fprop), beta=beta, alpha=alpha)
+        ctx.plan, ctx.site, ctx.beta, ctx.alpha, ctx.inp_shape = plan, site, beta, alpha, inp.shape
+        return _baddbmm(inp, _qo(a, plan.a_fprop, site, "fprop", 0), _qo(b, plan.b_fprop, site, "fprop", 1),
+                        beta=beta, alpha=alpha)
 
     @staticmethod
     def backward(ctx, g: Tensor):
         a, b = ctx.saved_tensors
-        plan, beta, alpha = ctx.plan, ctx.beta, ctx.alpha
+        plan, site, beta, alpha = ctx.plan, ctx.site, ctx.beta, ctx.alpha
         dinp = da = db = None
         if ctx.needs_input_grad[0]:
             dinp = _scaled(g, beta).sum_to_size(ctx.inp_shape)
         if ctx.needs_input_grad[1]:
-            da = _scaled(_q(g, plan.g_dgrad).bmm(_q(b, plan.b_dgrad).transpose(1, 2)), alpha)
+            da = _scaled(_qo(g, plan.g_dgrad, site, "dgrad", 2).bmm(
+                _qo(b, plan.b_dgrad, site, "dgrad", 1).transpose(1, 2)), alpha)
         if ctx.needs_input_grad[2]:
-            db = _scaled(_q(a, plan.a_wgrad).transpose(1, 2).bmm(_q(g, plan.g_wgrad)), alpha)
-        return dinp, da, db, None, None, None  # None: beta, alpha, plan
+            db = _scaled(_qo(a, plan.a_wgrad, site, "wgrad", 0).transpose(1, 2).bmm(
+                _qo(g, plan.g_wgrad, site, "wgrad", 2)), alpha)
+        return dinp, da, db, None, None, None, None  # None: beta, alpha, plan, site
 
 
 def _scaled(t: Tensor, s: float) -> Tensor:
@@ -396,11 +418,11 @@ def quant_bmm(a: Tensor, b: Tensor, config: FakeQuantConfig) -> Tensor:
     return _apply_bmm(a, b, gemm_plan(config, "matmul"))
 
 
-def _apply_bmm(a: Tensor, b: Tensor, plan: GemmPlan) -> Tensor:
+def _apply_bmm(a: Tensor, b: Tensor, plan: GemmPlan, site: ObserverSite | None = None) -> Tensor:
     _check_batched(a, b, "quant_bmm")
     (a, b), device_type = _autocast_cast(a, b)
     with _no_autocast(device_type):
-        return _QuantBmm.apply(a, b, plan)
+        return _QuantBmm.apply(a, b, plan, site)
 
 
 def quant_baddbmm(
@@ -413,7 +435,8 @@ def quant_baddbmm(
     return _apply_baddbmm(input, batch1, batch2, beta, alpha, gemm_plan(config, "matmul"))
 
 
-def _apply_baddbmm(inp: Tensor, a: Tensor, b: Tensor, beta: float, alpha: float, plan: GemmPlan) -> Tensor:
+def _apply_baddbmm(inp: Tensor, a: Tensor, b: Tensor, beta: float, alpha: float, plan: GemmPlan,
+                   site: ObserverSite | None = None) -> Tensor:
     _check_batched(a, b, "quant_baddbmm")
     if not isinstance(inp, Tensor):
         raise TypeError(f"quant_baddbmm: input must be a torch.Tensor, got {type(inp).__name__}")
@@ -422,22 +445,23 @@ def _apply_baddbmm(inp: Tensor, a: Tensor, b: Tensor, beta: float, alpha: float,
             raise TypeError(f"quant_baddbmm: {name} must be a number, got {type(s).__name__} ({s!r})")
     (inp, a, b), device_type = _autocast_cast(inp, a, b)
     with _no_autocast(device_type):
-        return _QuantBaddbmm.apply(inp, a, b, beta, alpha, plan)
+        return _QuantBaddbmm.apply(inp, a, b, beta, alpha, plan, site)
 
 
 # ------------------------------------------------------------------------------------------------ STE
 class _QuantSTE(torch.autograd.Function):
     # y = Q_fwd(x); dx = Q_bwd(dy) (or dy unchanged): the straight-through estimator of one tensor.
+    # Observers see x as operand A of fprop and dy as operand dC of dgrad (site.roles name them).
 
     @staticmethod
-    def forward(ctx, x: Tensor, fwd: str | None, bwd: str | None) -> Tensor:
-        ctx.bwd = bwd
-        y = _q(x, fwd)
+    def forward(ctx, x: Tensor, fwd: str | None, bwd: str | None, site: ObserverSite | None = None) -> Tensor:
+        ctx.bwd, ctx.site = bwd, site
+        y = _qo(x, fwd, site, "fprop", 0)
         return x.view_as(x) if y is x else y
 
     @staticmethod
     def backward(ctx, dy: Tensor):
-        return _q(dy, ctx.bwd), None, None  # None: fwd, bwd
+        return _qo(dy, ctx.bwd, ctx.site, "dgrad", 2), None, None, None  # None: fwd, bwd, site
 
 
 def quant_ste(x: Tensor, forward: QType | str | None, backward: QType | str | None = None) -> Tensor:
@@ -465,7 +489,7 @@ def _as_qtype(q: QType | str | None, name: str) -> str | None:
 def quant_attention(
     query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None = None, dropout_p: float = 0.0,
     is_causal: bool = False, scale: float | None = None, enable_gqa: bool = False, *,
-    config: FakeQuantConfig,
+    config: FakeQuantConfig, observer_site: ObserverSite | None = None,
 ) -> Tensor:
     """``F.scaled_dot_product_attention`` on fake-quantized q, k, v (roles ``query``, ``key``, ``value``),
     with the gradient of the output quantized in the ``grad_attn_output`` role.
@@ -473,6 +497,8 @@ def quant_attention(
     With ``attn_probs`` set, attention is computed explicitly (S = Q·Kᵀ·scale, mask, softmax, dropout,
     O = P·V) so that P and every operand of the four backward GEMMs are quantized per GEMM; this stores
     P ([..., L, S]) for backward, like SDPA's math path.
+
+    ``observer_site``: where observers see the operands (``patch_functional`` passes it); ``None`` = none.
     """
     _check_config(config, "quant_attention")
     for name, t in (("query", query), ("key", key), ("value", value)):
@@ -481,25 +507,32 @@ def quant_attention(
     (query, key, value, attn_mask), device_type = _autocast_cast(query, key, value, attn_mask)
     with _no_autocast(device_type):
         if plan.scores is None:
-            q = quant_ste(query, plan.query)
-            k = quant_ste(key, plan.key)
-            v = quant_ste(value, plan.value)
+            site = observer_site
+            q = _ste(query, plan.query, None, site and site.with_roles("query", None, None))
+            k = _ste(key, plan.key, None, site and site.with_roles("key", None, None))
+            v = _ste(value, plan.value, None, site and site.with_roles("value", None, None))
             out = _sdpa(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
                         enable_gqa=enable_gqa)
-            return quant_ste(out, None, plan.grad_attn_output)
-        return _explicit_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, plan)
+            return _ste(out, None, plan.grad_attn_output, site and site.with_roles(None, None, "grad_attn_output"))
+        return _explicit_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa, plan,
+                                   observer_site)
+
+
+def _ste(x: Tensor, fwd: str | None, bwd: str | None, site: ObserverSite | None) -> Tensor:
+    return x if fwd is None and bwd is None else _QuantSTE.apply(x, fwd, bwd, site)
 
 
 def _explicit_attention(
     query: Tensor, key: Tensor, value: Tensor, attn_mask: Tensor | None, dropout_p: float, is_causal: bool,
-    scale: float | None, enable_gqa: bool, plan: AttentionPlan,
+    scale: float | None, enable_gqa: bool, plan: AttentionPlan, site: ObserverSite | None = None,
 ) -> Tensor:
     L, S = query.shape[-2], key.shape[-2]
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else scale
     if enable_gqa:  # repeat each key/value head for its group of query heads: [.., Hkv, S, E] -> [.., H, S, E]
         key = key.repeat_interleave(query.shape[-3] // key.shape[-3], dim=-3)
         value = value.repeat_interleave(query.shape[-3] // value.shape[-3], dim=-3)
-    scores = _QuantMatmul.apply(query, key.mT, plan.scores) * scale  # [.., L, S]
+    scores_site = site and site.with_roles("query", "key", None)  # dS stays in high precision
+    scores = _QuantMatmul.apply(query, key.mT, plan.scores, scores_site) * scale  # [.., L, S]
     if is_causal:
         keep = torch.ones(L, S, dtype=torch.bool, device=query.device).tril()
         scores = scores.masked_fill(~keep, float("-inf"))
@@ -511,4 +544,5 @@ def _explicit_attention(
     probs = torch.softmax(scores, dim=-1)
     if dropout_p > 0.0:
         probs = F.dropout(probs, p=dropout_p)
-    return _QuantMatmul.apply(probs, value, plan.context)  # [.., L, Ev]
+    context_site = site and site.with_roles("attn_probs", "value", "grad_attn_output")
+    return _QuantMatmul.apply(probs, value, plan.context, context_site)  # [.., L, Ev]

@@ -5,19 +5,23 @@
   optimizer built before patching keeps working. The class defines ``forward``; nothing is wrapped. It
   refuses a model that is already patched and returns a ``PatchReport`` of what it touched.
 * ``unpatch(model)`` gives every patched module its original class back.
+* Observers (``fakequant.observe``): ``patch(model, config, observers=(obs,))`` stores them on each patched
+  module with its fully-qualified name; ``attach_observer(model, obs)`` / ``detach_observer(model, obs)``
+  add and remove them later; ``patch_functional(config, observers=...)`` does the same for a block.
 * ``with patch_functional(config):`` routes ``torch.matmul``, ``torch.bmm``, ``torch.baddbmm``,
   ``F.linear`` and ``F.scaled_dot_product_attention`` calls made inside the block (Megatron-style attention,
   Hugging Face SDPA attention) through ``fakequant.autograd``, and restores them on exit, exceptions
   included. Tensor methods and operators (``a @ b``, ``a.bmm(b)``) are not routed.
 
-Public: ``patch``, ``unpatch``, ``patch_functional``, ``FakeQuantLinear``, ``PatchReport``, ``PatchedLayer``,
-``FUNCTIONAL_OPS``.
+Public: ``patch``, ``unpatch``, ``patch_functional``, ``attach_observer``, ``detach_observer``,
+``FakeQuantLinear``, ``PatchReport``, ``PatchedLayer``, ``FUNCTIONAL_OPS``.
 """
 
 from __future__ import annotations
 
 import contextlib
 import threading
+import types
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
@@ -27,8 +31,12 @@ from torch import Tensor, nn
 
 from . import autograd as _ag
 from .config import FakeQuantConfig
+from .observe import Observer, ObserverSite, check_observers
 
-__all__ = ["patch", "unpatch", "patch_functional", "FakeQuantLinear", "PatchReport", "PatchedLayer", "FUNCTIONAL_OPS"]
+__all__ = [
+    "patch", "unpatch", "patch_functional", "attach_observer", "detach_observer", "FakeQuantLinear", "PatchReport",
+    "PatchedLayer", "FUNCTIONAL_OPS",
+]
 
 
 # --------------------------------------------------------------------------------------------- modules
@@ -36,13 +44,14 @@ class FakeQuantLinear(nn.Linear):
     """An ``nn.Linear`` whose fprop, dgrad and wgrad run on fake-quantized operands.
 
     Made only by ``fakequant.patch`` (which swaps the class of an existing ``nn.Linear``); the formats live in
-    ``fakequant_config``, a plain attribute, so ``state_dict`` is that of the original module.
+    ``fakequant_config``, a plain attribute, so ``state_dict`` is that of the original module. Its observers
+    sit in ``_fakequant_site`` (``None`` when there are none).
     """
 
     fakequant_config: FakeQuantConfig
 
     def forward(self, input: Tensor) -> Tensor:
-        return _ag._apply_linear(input, self.weight, self.bias, self._fakequant_plan)
+        return _ag._apply_linear(input, self.weight, self.bias, self._fakequant_plan, self._fakequant_site)
 
     def extra_repr(self) -> str:
         cfg = self.fakequant_config
@@ -108,15 +117,17 @@ def _check_model(model: object, where: str) -> nn.Module:
     return model
 
 
-def patch(model: nn.Module, config: FakeQuantConfig) -> PatchReport:
+def patch(model: nn.Module, config: FakeQuantConfig, observers: Sequence[Observer] = ()) -> PatchReport:
     """Fake-quantize every selected ``nn.Linear`` of ``model`` in place; returns a ``PatchReport``.
 
     Selected: ``nn.Linear`` modules (and subclasses that do not override ``forward``) whose fully-qualified
-    name passes ``config.include`` / ``config.exclude``. Raises ``RuntimeError`` if ``model`` is already
-    patched.
+    name passes ``config.include`` / ``config.exclude``. ``observers`` are called with an ``OperandEvent`` for
+    every operand each patched layer quantizes (``fakequant.observe``). Raises ``RuntimeError`` if ``model``
+    is already patched.
     """
     _check_model(model, "patch")
     _ag._check_config(config, "patch")
+    observers = check_observers(observers, "patch")
     already = [name for name, m in model.named_modules() if isinstance(m, FakeQuantLinear)]
     if already:
         shown = ", ".join(repr(n) for n in already[:3]) + (", ..." if len(already) > 3 else "")
@@ -139,6 +150,8 @@ def patch(model: nn.Module, config: FakeQuantConfig) -> PatchReport:
         module.__class__ = _fake_quant_class(type(module))
         module.fakequant_config = config
         module._fakequant_plan = plan
+        module._fakequant_name = name
+        module._fakequant_site = ObserverSite(name, list(observers)) if observers else None
         layers.append(PatchedLayer(name, dict(formats)))
     return PatchReport(tuple(layers), tuple(skipped), config.fidelity)
 
@@ -157,10 +170,55 @@ def unpatch(model: nn.Module) -> list[str]:
             module.__class__ = mro[mro.index(FakeQuantLinear) + 1]
             del module.fakequant_config
             del module._fakequant_plan
+            del module._fakequant_name
+            del module._fakequant_site
             restored.append(name)
     if not restored:
         raise RuntimeError("unpatch: the model has no patched modules (fakequant.patch was not applied)")
     return restored
+
+
+def _patched_modules(model: nn.Module, where: str) -> list[FakeQuantLinear]:
+    _check_model(model, where)
+    modules = [m for m in model.modules() if isinstance(m, FakeQuantLinear)]
+    if not modules:
+        raise RuntimeError(f"{where}: the model has no patched modules (call fakequant.patch first)")
+    return modules
+
+
+def _same(a: Observer, b: Observer) -> bool:
+    # Identity, except that bound methods are made afresh at each attribute access (``events.append``).
+    bound = (types.MethodType, types.BuiltinMethodType)
+    return a is b or (isinstance(a, bound) and isinstance(b, bound) and a == b)
+
+
+def attach_observer(model: nn.Module, observer: Observer) -> list[str]:
+    """Add ``observer`` to every patched module of ``model``; returns their names. An observer already
+    attached to a module is not added twice."""
+    check_observers((observer,), "attach_observer")
+    names = []
+    for module in _patched_modules(model, "attach_observer"):
+        if module._fakequant_site is None:
+            module._fakequant_site = ObserverSite(module._fakequant_name, [])
+        if not any(_same(o, observer) for o in module._fakequant_site.observers):
+            module._fakequant_site.observers.append(observer)
+        names.append(module._fakequant_name)
+    return names
+
+
+def detach_observer(model: nn.Module, observer: Observer) -> list[str]:
+    """Remove ``observer`` from every patched module of ``model`` that has it; returns their names. A module
+    left without observers goes back to the observer-free path."""
+    names = []
+    for module in _patched_modules(model, "detach_observer"):
+        site = module._fakequant_site
+        if site is None or not any(_same(o, observer) for o in site.observers):
+            continue
+        site.observers[:] = [o for o in site.observers if not _same(o, observer)]
+        if not site.observers:
+            module._fakequant_site = None
+        names.append(module._fakequant_name)
+    return names
 
 
 # ------------------------------------------------------------------------------------------ functional
@@ -205,7 +263,7 @@ def _with_out(result: Tensor, out: Tensor | None) -> Tensor:
         return out.copy_(result)
 
 
-def _make_wrappers(config: FakeQuantConfig) -> dict:
+def _make_wrappers(config: FakeQuantConfig, site: ObserverSite | None = None) -> dict:
     mm_plan = _ag.gemm_plan(config, "matmul")
     lin_plan = _ag.gemm_plan(config, "linear")
 
@@ -213,26 +271,26 @@ def _make_wrappers(config: FakeQuantConfig) -> dict:
         if _plain_call() or not _floating(input, other):
             return _ag._matmul(input, other) if out is None else _ag._matmul(input, other, out=out)
         with _inside():
-            return _with_out(_ag._apply_matmul(input, other, mm_plan), out)
+            return _with_out(_ag._apply_matmul(input, other, mm_plan, site), out)
 
     def bmm(input, mat2, *, out=None):
         if _plain_call() or not _floating(input, mat2):
             return _ag._bmm(input, mat2) if out is None else _ag._bmm(input, mat2, out=out)
         with _inside():
-            return _with_out(_ag._apply_bmm(input, mat2, mm_plan), out)
+            return _with_out(_ag._apply_bmm(input, mat2, mm_plan, site), out)
 
     def baddbmm(input, batch1, batch2, *, beta=1, alpha=1, out=None):
         if _plain_call() or not _floating(input, batch1, batch2):
             kw = {} if out is None else {"out": out}
             return _ag._baddbmm(input, batch1, batch2, beta=beta, alpha=alpha, **kw)
         with _inside():
-            return _with_out(_ag._apply_baddbmm(input, batch1, batch2, beta, alpha, mm_plan), out)
+            return _with_out(_ag._apply_baddbmm(input, batch1, batch2, beta, alpha, mm_plan, site), out)
 
     def linear(input, weight, bias=None):
         if _plain_call() or not _floating(input, weight):
             return _ag._linear(input, weight, bias)
         with _inside():
-            return _ag._apply_linear(input, weight, bias, lin_plan)
+            return _ag._apply_linear(input, weight, bias, lin_plan, site)
 
     def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False,
                                      scale=None, enable_gqa=False):
@@ -241,7 +299,7 @@ def _make_wrappers(config: FakeQuantConfig) -> dict:
                              scale=scale, enable_gqa=enable_gqa)
         with _inside():
             return _ag.quant_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa,
-                                       config=config)
+                                       config=config, observer_site=site)
 
     wrappers = {
         "matmul": matmul, "bmm": bmm, "baddbmm": baddbmm, "linear": linear,
@@ -255,7 +313,9 @@ def _make_wrappers(config: FakeQuantConfig) -> dict:
 
 
 @contextlib.contextmanager
-def patch_functional(config: FakeQuantConfig, ops: Sequence[str] = FUNCTIONAL_OPS) -> Iterator[FakeQuantConfig]:
+def patch_functional(
+    config: FakeQuantConfig, ops: Sequence[str] = FUNCTIONAL_OPS, observers: Sequence[Observer] = (),
+) -> Iterator[FakeQuantConfig]:
     """Route the functional ops in ``ops`` through the fake-quant autograd functions inside the block.
 
     ``torch.matmul``/``torch.bmm``/``torch.baddbmm``: first operand in the ``input`` role, second in the
@@ -266,6 +326,8 @@ def patch_functional(config: FakeQuantConfig, ops: Sequence[str] = FUNCTIONAL_OP
     Note that ``nn.Linear.forward`` calls ``F.linear``, so with ``"linear"`` in ``ops`` every unpatched
     ``nn.Linear`` run inside the block is quantized too, whatever ``config.exclude`` says; pass
     ``ops=("bmm", "baddbmm")`` (say) to quantize attention only.
+
+    ``observers`` see every operand quantized inside the block, with layer ``""``.
     """
     _ag._check_config(config, "patch_functional")
     if isinstance(ops, str) or not all(isinstance(op, str) for op in ops):
@@ -273,7 +335,8 @@ def patch_functional(config: FakeQuantConfig, ops: Sequence[str] = FUNCTIONAL_OP
     unknown = [op for op in ops if op not in FUNCTIONAL_OPS]
     if unknown:
         raise ValueError(f"patch_functional: unknown op(s) {unknown!r}; allowed: {', '.join(FUNCTIONAL_OPS)}")
-    wrappers = _make_wrappers(config)
+    observers = check_observers(observers, "patch_functional")
+    wrappers = _make_wrappers(config, ObserverSite("", observers) if observers else None)
     saved = []
     try:
         for op in dict.fromkeys(ops):
