@@ -225,6 +225,19 @@ def test_nvfp4_fast_and_exact_quotient_paths():
                                       reference_quant_dequant(x, q.dim(dim))) == 0
 
 
+def test_nvfp4_with_a_given_tensor_maximum():
+    from fakequant.kernels.triton.nvfp import quant_dequant_nvfp4
+
+    device = _device()
+    x = adversarial((9, 80), torch.bfloat16, 11, specials=False).to(device)
+    a = x.float().abs()
+    amax = a[torch.isfinite(a)].max().reshape(1)
+    q = QType("nvfp4")
+    assert bitwise_mismatches(quant_dequant_nvfp4(x, q, amax=amax), reference_quant_dequant(x, q)) == 0
+    with pytest.raises(TypeError, match="one-element float32"):
+        quant_dequant_nvfp4(x, q, amax=amax.double())
+
+
 def test_exact_ties_table():
     """Hand-worked MX cases (formats.md §1-§2 examples) through the kernel."""
     device = _device()

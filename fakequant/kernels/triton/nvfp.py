@@ -146,14 +146,19 @@ def tensor_amax(x: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _launch(x: torch.Tensor, q: QType, tensor_scale: bool, name: str, tile) -> torch.Tensor:
+def _launch(x: torch.Tensor, q: QType, tensor_scale: bool, name: str, tile, amax=None) -> torch.Tensor:
     x = check_input(x, q.q_dim, name)
     y = torch.empty_like(x)
     if x.numel() == 0:
         return y
     g = geometry(x, q.q_dim)
     interp = is_interpreted(x)
-    amax = tensor_amax(x) if tensor_scale else y  # y: an unused placeholder pointer for nvf4
+    if not tensor_scale:
+        amax = y  # an unused placeholder pointer for nvf4
+    elif amax is None:
+        amax = tensor_amax(x)
+    else:
+        amax = _amax_bits(amax, x)
     plan = plan_tiles(g, 16, 16, x.element_size(), interp, override=tile)
     n_row_blocks = -(-g.length // 16)
     _nvfp_kernel[(plan.grid,)](
@@ -172,8 +177,22 @@ def quant_dequant_nvf4(x: torch.Tensor, q: QType, tile: tuple[int, int, int] | N
     return _launch(x, q, False, "quant_dequant_nvf4", tile)
 
 
-def quant_dequant_nvfp4(x: torch.Tensor, q: QType, tile: tuple[int, int, int] | None = None) -> torch.Tensor:
-    """nvfp4 of ``x`` along ``q.q_dim`` (formats.md §8): a tensor-maximum pass, then the block kernel."""
+def _amax_bits(amax, x: torch.Tensor) -> torch.Tensor:
+    if not isinstance(amax, torch.Tensor) or amax.numel() != 1 or amax.dtype != torch.float32:
+        raise TypeError("amax must be a one-element float32 tensor (max |x| over the finite elements of x)")
+    if amax.device != x.device:
+        raise ValueError(f"amax is on {amax.device}, x on {x.device}")
+    return amax.reshape(1).view(torch.int32)
+
+
+def quant_dequant_nvfp4(x: torch.Tensor, q: QType, tile: tuple[int, int, int] | None = None,
+                        amax: torch.Tensor | None = None) -> torch.Tensor:
+    """nvfp4 of ``x`` along ``q.q_dim`` (formats.md §8): a tensor-maximum pass, then the block kernel.
+
+    ``amax``: the tensor maximum A when the caller already has it (a one-element float32 tensor holding
+    max |x| over x's finite elements, e.g. from the op that produced x); the first pass is then skipped and
+    the result is the same. A wrong ``amax`` gives wrong numbers: it is not checked.
+    """
     if q.family != "nvfp4":
         raise ValueError(f"quant_dequant_nvfp4: expected the nvfp4 QType, got {q.desc!r} ({q.family})")
-    return _launch(x, q, True, "quant_dequant_nvfp4", tile)
+    return _launch(x, q, True, "quant_dequant_nvfp4", tile, amax)
