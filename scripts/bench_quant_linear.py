@@ -14,6 +14,9 @@ run on the same activations:
 * **events**: ``triton.testing.do_bench`` (L2 flushed before each call, one launch per call): adds the host
   launch cost, which matters at batch 1-16 where the ops take a few microseconds.
 
+"fused" is the fastest fused-kernel configuration the tuner measured; "auto" is what ``QuantLinear`` runs, the
+tuner's overall choice, which at large batches may be the dequantize-then-cuBLAS path.
+
 Prints the GPU name, torch / triton / CUDA versions, and a table with times, ratio (F.linear time / fused time),
 achieved TFLOP/s and weight GB/s, the tuned configuration and the relative error.
 """
@@ -76,8 +79,8 @@ def main() -> None:
     e4m3 = args.format != "mxfp4"
     block = 16 if e4m3 else 32
     rows = []
-    header = (f"{'N x K':>11} {'M':>5} | {'F.linear':>9} {'fused':>9} {'ratio':>6} | {'F.lin ev':>9} {'fused ev':>9} "
-              f"{'ratio':>6} | {'TFLOP/s':>7} {'w GB/s':>7} | {'rel L2':>8} | config")
+    header = (f"{'N x K':>11} {'M':>5} | {'F.linear':>9} {'fused':>9} {'ratio':>6} | {'auto':>9} {'ratio':>6} | "
+              f"{'F.lin ev':>9} {'fused ev':>9} {'ratio':>6} | {'TFLOP/s':>7} {'w GB/s':>7} | {'rel L2':>8} | fused config")
     print(header)
     print("-" * len(header))
     for shape in args.shapes.split(","):
@@ -94,30 +97,39 @@ def main() -> None:
         gs = p.tensor_scale
         for m in (int(v) for v in args.batches.split(",")):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            y = qlk.quant_linear(x, p.codes, p.scales, block=block, e4m3=e4m3, tensor_scale=gs)  # tunes
-            cfg = qlk.tuned_config((qlk._m_bucket(m), n, k, block, e4m3, x.dtype, False))
+            qlk.quant_linear(x, p.codes, p.scales, block=block, e4m3=e4m3, tensor_scale=gs)  # tunes this bucket
+            key = (qlk._m_bucket(m), n, k, block, e4m3, x.dtype, False)
+            auto_cfg = qlk.tuned_config(key)
+            fused = [(c, ms) for c, ms in qlk._TIMINGS.get(key, []) if not c.dequant_gemm]
+            cfg = min(fused, key=lambda item: item[1])[0]  # the fastest fused configuration
+            y = qlk.quant_linear(x, p.codes, p.scales, block=block, e4m3=e4m3, tensor_scale=gs, config=cfg)
             ref = x.double() @ w_bf16.double().T
             rel = float((y.double() - ref).norm() / ref.norm())
+
+            def run(c, i):
+                return qlk.quant_linear(x, *q_w[i], block=block, e4m3=e4m3, tensor_scale=gs, config=c)
+
             t_lin = graph_time_us([lambda i=i: F.linear(x, lin_w[i]) for i in range(r_lin)])
-            t_q = graph_time_us([lambda i=i: qlk.quant_linear(x, *q_w[i], block=block, e4m3=e4m3, tensor_scale=gs,
-                                                              config=cfg) for i in range(r_q)])
+            t_q = graph_time_us([lambda i=i: run(cfg, i) for i in range(r_q)])
+            t_auto = t_q if auto_cfg == cfg else graph_time_us([lambda i=i: run(auto_cfg, i) for i in range(r_q)])
             ev_lin = 1000 * triton.testing.do_bench(lambda: F.linear(x, w_bf16), return_mode="median")
-            ev_q = 1000 * triton.testing.do_bench(
-                lambda: qlk.quant_linear(x, p.codes, p.scales, block=block, e4m3=e4m3, tensor_scale=gs, config=cfg),
-                return_mode="median")
+            ev_q = 1000 * triton.testing.do_bench(lambda: run(cfg, 0), return_mode="median")
             tflops = 2 * m * n * k / t_q / 1e6
             gbs = packed_bytes / t_q / 1e3
             row = dict(gpu=props.name, n=n, k=k, m=m, format=args.format, flinear_us=t_lin, fused_us=t_q,
-                       ratio=t_lin / t_q, flinear_events_us=ev_lin, fused_events_us=ev_q, ratio_events=ev_lin / ev_q,
-                       fused_tflops=tflops, weight_gbs=gbs, rel_l2=rel, config=cfg._asdict() if cfg else None,
-                       refused=[(c._asdict(), str(why)) for c, why in qlk._REFUSED.get(
-                           (qlk._m_bucket(m), n, k, block, e4m3, x.dtype, False), [])])
+                       ratio=t_lin / t_q, auto_us=t_auto, ratio_auto=t_lin / t_auto, auto_dequant_gemm=auto_cfg.dequant_gemm,
+                       flinear_events_us=ev_lin, fused_events_us=ev_q, ratio_events=ev_lin / ev_q,
+                       fused_tflops=tflops, weight_gbs=gbs, rel_l2=rel, config=cfg._asdict(),
+                       tuner_ms=[(c._asdict(), ms) for c, ms in qlk._TIMINGS.get(key, [])],
+                       refused=[(c._asdict(), str(why)) for c, why in qlk._REFUSED.get(key, [])])
             rows.append(row)
             c = cfg
             ctext = (f"{c.block_m}x{c.block_n}x{c.block_k} sk{c.split_k} w{c.num_warps} s{c.num_stages}"
-                     f"{' asm' if c.decode_asm else ''}{' swap' if c.swap_ab else ''}") if c else "?"
-            print(f"{n:>5} x{k:>5} {m:>5} | {t_lin:>8.1f}u {t_q:>8.1f}u {t_lin / t_q:>6.2f} | {ev_lin:>8.1f}u "
-                  f"{ev_q:>8.1f}u {ev_lin / ev_q:>6.2f} | {tflops:>7.1f} {gbs:>7.0f} | {rel:>8.1e} | {ctext}", flush=True)
+                     f"{' asm' if c.decode_asm else ''}{' swap' if c.swap_ab else ''}")
+            atext = "dq+gemm" if auto_cfg.dequant_gemm else "fused"
+            print(f"{n:>5} x{k:>5} {m:>5} | {t_lin:>8.1f}u {t_q:>8.1f}u {t_lin / t_q:>6.2f} | {t_auto:>8.1f}u "
+                  f"{t_lin / t_auto:>6.2f} | {ev_lin:>8.1f}u {ev_q:>8.1f}u {ev_lin / ev_q:>6.2f} | {tflops:>7.1f} "
+                  f"{gbs:>7.0f} | {rel:>8.1e} | {ctext} (auto: {atext})", flush=True)
     refused = {(r["n"], r["k"], r["m"]): r["refused"] for r in rows if r["refused"]}
     if refused:
         print("configurations the tuner refused (wrong output or failed to run):")

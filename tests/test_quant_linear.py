@@ -203,17 +203,39 @@ def test_triton_interpreter_swapped_operands():
 
 @triton_cpu
 def test_triton_interpreter_split_k():
-    from fakequant.kernels.triton.quant_linear import TileConfig, quant_linear
+    """Split-K reduces in the kernel (atomic partial sums, the last slice writes Y) and leaves its workspace
+    and counters at zero, so the next launch is right too."""
+    from fakequant.kernels.triton import quant_linear as qlk
 
     w = torch.randn(32, 256)
     codes, scales = pack(w, "mxfp4")
-    x = torch.randn(5, 256)
-    ref = x @ fakequant.quant_dequant(w, "mxfp4").T
-    for cfg in (TileConfig(16, 16, 64, 2, 4, 1, 2), TileConfig(16, 32, 64, 3, 4, 1, 2)):
-        y = quant_linear(x, codes, scales, block=32, config=cfg)
-        assert y.dtype == torch.float32 and _rel_l2(y, ref) < 1e-2
+    b = torch.randn(32)
+    for m in (5, 5, 3):
+        x = torch.randn(m, 256)
+        ref = x @ fakequant.quant_dequant(w, "mxfp4").T + b
+        for cfg in (qlk.TileConfig(16, 16, 64, 2, 4, 1, 2), qlk.TileConfig(16, 32, 64, 3, 4, 1, 2)):
+            y = qlk.quant_linear(x, codes, scales, block=32, bias=b, config=cfg)
+            assert y.dtype == torch.float32 and _rel_l2(y, ref) < 1e-2
+    assert all(not t.any() for t in qlk._WORKSPACE.values())
     with pytest.raises(ValueError, match="expected codes"):
-        quant_linear(x, codes[:, :-1], scales, block=32)
+        qlk.quant_linear(x, codes[:, :-1], scales, block=32)
+
+
+@triton_cpu
+@pytest.mark.parametrize("wq", ["mxfp4", "nvfp4"])
+def test_triton_interpreter_dequantize(wq):
+    from fakequant.kernels.triton import quant_linear as qlk
+
+    w = torch.randn(40, 200)
+    p = pack(w, wq)
+    block = 32 if wq == "mxfp4" else 16
+    deq = qlk.dequantize(p.codes, p.scales, k=200, block=block, e4m3=wq != "mxfp4", tensor_scale=p.tensor_scale,
+                         dtype=torch.float32)
+    assert_bitwise_equal(deq, p.unpack())  # the plain decode path is exact
+    x = torch.randn(6, 200)
+    y = qlk.quant_linear(x, p.codes, p.scales, block=block, e4m3=wq != "mxfp4", tensor_scale=p.tensor_scale,
+                         config=qlk.CONFIGS_LARGE_M[-1]._replace(decode_asm=False))
+    assert_bitwise_equal(y, F.linear(x, p.unpack()))
 
 
 # ------------------------------------------------------------------------------------------------ GPU (H100)
@@ -259,9 +281,29 @@ def test_every_tile_configuration_on_gpu(e4m3):
     ref = x.double() @ wd.T + b.double()
     bad = []
     for cfg in ALL_CONFIGS:
-        y = quant_linear(x, p.codes, p.scales, block=16 if e4m3 else 32, e4m3=e4m3, tensor_scale=p.tensor_scale,
-                         bias=b, config=cfg)
-        rel = _rel_l2(y, ref)
-        if not rel < 1e-2:
-            bad.append((cfg, rel))
+        for _ in range(2):  # twice: split-K must leave its workspace and counters ready for the next launch
+            y = quant_linear(x, p.codes, p.scales, block=16 if e4m3 else 32, e4m3=e4m3,
+                             tensor_scale=p.tensor_scale, bias=b, config=cfg)
+            rel = _rel_l2(y, ref)
+            if not rel < 1e-2:
+                bad.append((cfg, rel))
     assert not bad, bad
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("wq", ["mxfp4", "nvfp4"])
+def test_dequantize_and_dequant_gemm_on_gpu(wq):
+    from fakequant.kernels.triton import quant_linear as qlk
+
+    torch.manual_seed(1)
+    w = torch.randn(1000, 2080, device="cuda") * 0.02
+    p = pack(w, wq)
+    e4m3, block = wq != "mxfp4", 16 if wq != "mxfp4" else 32
+    for asm in (False, True):
+        cfg = qlk.CONFIGS_LARGE_M[-1]._replace(decode_asm=asm)
+        deq = qlk.dequantize(p.codes, p.scales, k=2080, block=block, e4m3=e4m3, tensor_scale=p.tensor_scale,
+                             dtype=torch.float32, config=cfg)
+        assert _rel_l2(deq, p.unpack()) < 1e-6
+        x = torch.randn(300, 2080, device="cuda", dtype=torch.bfloat16)
+        y = qlk.quant_linear(x, p.codes, p.scales, block=block, e4m3=e4m3, tensor_scale=p.tensor_scale, config=cfg)
+        assert _rel_l2(y, x.double() @ p.unpack().double().T) < 1e-2

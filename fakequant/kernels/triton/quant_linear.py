@@ -12,8 +12,8 @@ BLK = 16, with an optional per-tensor encode scale g: w = q·S/g).
 Order (as the Triton tutorials): jit helpers and the kernel with its arguments commented, the tile
 configurations, the launcher that checks its inputs and picks a configuration.
 
-Public: ``quant_linear`` (the launcher), ``TileConfig``, ``CONFIGS_SMALL_M`` / ``_MEDIUM_M`` / ``_LARGE_M``,
-``ALL_CONFIGS``, ``tuned_config``.
+Public: ``quant_linear`` (the launcher), ``dequantize``, ``TileConfig``, ``CONFIGS_SMALL_M`` / ``_MEDIUM_M`` /
+``_LARGE_M``, ``ALL_CONFIGS`` (the fused ones), ``tuned_config``.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["quant_linear", "TileConfig", "CONFIGS_SMALL_M", "CONFIGS_MEDIUM_M", "CONFIGS_LARGE_M", "ALL_CONFIGS",
-           "tuned_config"]
+__all__ = ["quant_linear", "dequantize", "TileConfig", "CONFIGS_SMALL_M", "CONFIGS_MEDIUM_M", "CONFIGS_LARGE_M",
+           "ALL_CONFIGS", "tuned_config"]
 
 
 # ----------------------------------------------------------------------------------------------- jit helpers
@@ -103,6 +103,55 @@ def _e8m0_to_bf16(b):
     return bits.to(tl.int16).to(tl.bfloat16, bitcast=True)
 
 
+@triton.jit
+def _decode_tile(codes_ptr, scales_ptr, offs_n, mask_n, k0, KC, KS, stride_cn, stride_sn,
+                 BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLK: tl.constexpr, E4M3: tl.constexpr,
+                 DECODE_ASM: tl.constexpr):
+    """The weight tile ``[BLOCK_N, BLOCK_K]`` at rows ``offs_n``, columns ``k0 ..``, decoded to bf16 (q·S; the
+    nvfp4 1/g is left to the caller). Codes and scales beyond the row's length read as 0."""
+    HALF_K: tl.constexpr = BLOCK_K // 2
+    NB_K: tl.constexpr = BLOCK_K // BLK
+    offs_c = k0 // 2 + tl.arange(0, HALF_K)
+    c = tl.load(codes_ptr + offs_n[:, None] * stride_cn + offs_c[None, :],
+                mask=mask_n[:, None] & (offs_c[None, :] < KC), other=0)
+    offs_s = k0 // BLK + tl.arange(0, NB_K)
+    sb = tl.load(scales_ptr + offs_n[:, None] * stride_sn + offs_s[None, :],
+                 mask=mask_n[:, None] & (offs_s[None, :] < KS), other=0).to(tl.int32)
+    if DECODE_ASM:
+        if E4M3:
+            scale = _e4m3_to_f32(sb).to(tl.bfloat16)  # E4M3 values are exact in bf16
+        else:
+            # The byte is bf16's exponent field: 2^(b-127), one shift. Byte 255 reads as +inf (the block's
+            # outputs are inf/NaN, as the reference's NaN block) and byte 0 as 0 instead of 2^-127 (a
+            # block below 2^-126 contributes 0): the only departures from the reference's weight values.
+            scale = (sb << 7).to(tl.int16).to(tl.bfloat16, bitcast=True)
+        lo, hi = _e2m1x2_to_bf16_asm(c)
+        # join puts (low, high) last, so the reshape interleaves them: element 2k, 2k+1 of each byte.
+        w = tl.reshape(tl.join(lo, hi), (BLOCK_N, NB_K, BLK)) * scale[:, :, None]  # exact: powers of 2
+        w = tl.reshape(w, (BLOCK_N, BLOCK_K))
+    else:
+        c = c.to(tl.int32)
+        code = tl.reshape(tl.join(c & 0xF, c >> 4), (BLOCK_N, BLOCK_K))
+        if E4M3:
+            scale = _e4m3_to_f32(sb)
+        else:
+            scale = _e8m0_to_f32(sb)
+        w = tl.reshape(_e2m1_to_f32(code), (BLOCK_N, NB_K, BLK)) * scale[:, :, None]
+        w = tl.reshape(w, (BLOCK_N, BLOCK_K)).to(tl.bfloat16)
+    return w
+
+
+@triton.jit
+def _finish(acc, y_ptr, bias_ptr, g, offs_m, offs_n, mask_n, mask, stride_ym, HAS_BIAS: tl.constexpr,
+            DIV_G: tl.constexpr):
+    """Y tile = acc (/ g) (+ bias), cast to the output dtype."""
+    if DIV_G:
+        acc = acc / g  # nvfp4: w = q·S/g, the 1/g factored out of the sum
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask)
+
+
 # ---------------------------------------------------------------------------------------------------- kernel
 @triton.jit(do_not_specialize=["M"])  # one compiled kernel for every batch size (M = 1 included)
 def _quant_linear_kernel(
@@ -111,15 +160,16 @@ def _quant_linear_kernel(
     scales_ptr,  # [N, KS] uint8, KS = ceil(K / BLK): one E8M0 or E4M3 byte per block of BLK along K
     gscale_ptr,  # [1] float32 per-tensor encode scale g (w = q·S/g); read only when DIV_G
     bias_ptr,  # [N] bias in the output dtype; read only when HAS_BIAS
-    y_ptr,  # [M, N] output (x's dtype), or float32 when ATOMIC (split-K partial sums added in place)
+    y_ptr,  # [M, N] output, x's dtype
+    ws_ptr,  # [M, N] float32 split-K workspace, zero between launches (SPLIT_K > 1)
+    cnt_ptr,  # [tiles] int32 split-K arrival counters, zero between launches (SPLIT_K > 1)
     M, N, K, KC, KS,
     stride_xm, stride_cn, stride_sn, stride_ym,
     BLK: tl.constexpr,  # scale block length along K (32 MX, 16 NVFP4); divides BLOCK_K
     E4M3: tl.constexpr,  # scale bytes are E4M3 (NVFP4) instead of E8M0 (MX)
-    DIV_G: tl.constexpr,  # divide the decoded weight by the per-tensor scale g (nvfp4)
+    DIV_G: tl.constexpr,  # divide the product by the per-tensor scale g (nvfp4)
     HAS_BIAS: tl.constexpr,
-    ATOMIC: tl.constexpr,  # split-K: add float32 partial sums into y with atomics (y pre-zeroed)
-    SPLIT_K: tl.constexpr,
+    SPLIT_K: tl.constexpr,  # programs per output tile, each over a slice of K
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
     DECODE_ASM: tl.constexpr,  # decode with the inline-PTX bf16x2 path (sm_90) instead of plain Triton ops
     SWAP_AB: tl.constexpr,  # compute Yᵀ = W·Xᵀ (weight as the register A operand of the MMA)
@@ -141,11 +191,10 @@ def _quant_linear_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    HALF_K: tl.constexpr = BLOCK_K // 2
-    NB_K: tl.constexpr = BLOCK_K // BLK
     k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
     k_start = pid_k * k_per_split
     k_end = min(k_start + k_per_split, K)
+    g = 1.0
     if DIV_G:
         g = tl.load(gscale_ptr)
 
@@ -157,33 +206,8 @@ def _quant_linear_kernel(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                     mask=mask_m[:, None] & (offs_k[None, :] < K), other=0.0)
-        offs_c = k0 // 2 + tl.arange(0, HALF_K)
-        c = tl.load(codes_ptr + offs_n[:, None] * stride_cn + offs_c[None, :],
-                    mask=mask_n[:, None] & (offs_c[None, :] < KC), other=0)
-        offs_s = k0 // BLK + tl.arange(0, NB_K)
-        sb = tl.load(scales_ptr + offs_n[:, None] * stride_sn + offs_s[None, :],
-                     mask=mask_n[:, None] & (offs_s[None, :] < KS), other=0).to(tl.int32)
-        if DECODE_ASM:
-            if E4M3:
-                scale = _e4m3_to_f32(sb).to(tl.bfloat16)  # E4M3 values are exact in bf16
-            else:
-                # The byte is bf16's exponent field: 2^(b-127), one shift. Byte 255 reads as +inf (the block's
-                # outputs are inf/NaN, as the reference's NaN block) and byte 0 as 0 instead of 2^-127 (a
-                # block below 2^-126 contributes 0): the only departures from the reference's weight values.
-                scale = (sb << 7).to(tl.int16).to(tl.bfloat16, bitcast=True)
-            lo, hi = _e2m1x2_to_bf16_asm(c)
-            # join puts (low, high) last, so the reshape interleaves them: element 2k, 2k+1 of each byte.
-            w = tl.reshape(tl.join(lo, hi), (BLOCK_N, NB_K, BLK)) * scale[:, :, None]  # exact: powers of 2
-            w = tl.reshape(w, (BLOCK_N, BLOCK_K))
-        else:
-            c = c.to(tl.int32)
-            code = tl.reshape(tl.join(c & 0xF, c >> 4), (BLOCK_N, BLOCK_K))
-            if E4M3:
-                scale = _e4m3_to_f32(sb)
-            else:
-                scale = _e8m0_to_f32(sb)
-            w = tl.reshape(_e2m1_to_f32(code), (BLOCK_N, NB_K, BLK)) * scale[:, :, None]
-            w = tl.reshape(w, (BLOCK_N, BLOCK_K)).to(tl.bfloat16)
+        w = _decode_tile(codes_ptr, scales_ptr, offs_n, mask_n, k0, KC, KS, stride_cn, stride_sn,
+                         BLOCK_N, BLOCK_K, BLK, E4M3, DECODE_ASM)
         if INTERPRET:
             # The CPU interpreter's bf16 dot is wrong (triton 3.x); round the operands to bf16 and let the
             # float32 dot (numpy, exact products) stand in for the tensor cores.
@@ -198,23 +222,59 @@ def _quant_linear_kernel(
         else:
             acc = tl.dot(x.to(tl.bfloat16), tl.trans(w), acc)
 
-    if DIV_G:
-        acc = acc / g  # nvfp4: w = q·S/g, the 1/g factored out of the sum
     if SWAP_AB:
         acc = tl.trans(acc)  # [BLOCK_M, BLOCK_N]
-    if HAS_BIAS:
-        if pid_k == 0:
-            acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
-    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
     mask = mask_m[:, None] & mask_n[None, :]
-    if ATOMIC:
-        tl.atomic_add(y_ptrs, acc, mask=mask, sem="relaxed")
+    if SPLIT_K == 1:
+        _finish(acc, y_ptr, bias_ptr, g, offs_m, offs_n, mask_n, mask, stride_ym, HAS_BIAS, DIV_G)
     else:
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+        # Split-K without extra launches: every slice adds its partial sums into the float32 workspace, then
+        # counts itself in; the last slice to arrive reads the total, writes Y, and leaves the workspace tile
+        # and the counter at zero for the next launch. The barrier orders the CTA's atomics before the
+        # counter's release; the counter's acquire orders the last slice's reads after everyone's adds.
+        ws_ptrs = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
+        tl.atomic_add(ws_ptrs, acc, mask=mask, sem="relaxed")
+        tl.debug_barrier()
+        arrived = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel")
+        if arrived == SPLIT_K - 1:
+            total = tl.load(ws_ptrs, mask=mask, other=0.0, cache_modifier=".cg")
+            tl.store(ws_ptrs, tl.zeros_like(total), mask=mask)
+            tl.atomic_xchg(cnt_ptr + pid, 0, sem="relaxed")
+            _finish(total, y_ptr, bias_ptr, g, offs_m, offs_n, mask_n, mask, stride_ym, HAS_BIAS, DIV_G)
+
+
+@triton.jit
+def _dequantize_kernel(
+    codes_ptr, scales_ptr, gscale_ptr,  # as in _quant_linear_kernel
+    w_ptr,  # [N, K] output weight (bf16 / fp16 / fp32)
+    N, K, KC, KS, stride_cn, stride_sn, stride_wn,
+    BLK: tl.constexpr, E4M3: tl.constexpr, DIV_G: tl.constexpr,
+    BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, DECODE_ASM: tl.constexpr,
+):
+    """The packed weight decoded to ``w_ptr``'s dtype, one [BLOCK_N, BLOCK_K] tile per program: the first half
+    of the dequantize-then-GEMM path that large batches may take."""
+    offs_n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k0 = tl.program_id(1) * BLOCK_K
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    mask_n = offs_n < N
+    w = _decode_tile(codes_ptr, scales_ptr, offs_n, mask_n, k0, KC, KS, stride_cn, stride_sn,
+                     BLOCK_N, BLOCK_K, BLK, E4M3, DECODE_ASM)
+    if DIV_G:
+        w = w.to(tl.float32) / tl.load(gscale_ptr)
+    tl.store(w_ptr + offs_n[:, None] * stride_wn + offs_k[None, :], w.to(w_ptr.dtype.element_ty),
+             mask=mask_n[:, None] & (offs_k[None, :] < K))
 
 
 # --------------------------------------------------------------------------------------------------- configs
 class TileConfig(NamedTuple):
+    """One way to run the product. ``split_k``: programs per output tile, each over a slice of K (reduced in
+    the kernel). ``decode_asm``: the inline-PTX bf16x2 decode (about 6 SASS instructions per weight element
+    in the loop instead of 11-13, from sm_90 builds). ``swap_ab``: Yᵀ = W·Xᵀ with the decoded weight as the
+    wgmma's register operand, which lets Triton keep one wgmma group in flight while the next tile decodes
+    (W as the shared-memory operand forces a wait after every MMA). ``dequant_gemm``: not fused: decode the
+    whole weight to x's dtype (``block_n`` x ``block_k`` tiles), then ``F.linear`` (cuBLAS); a candidate for
+    large batches, where the one-off decode is small next to the matrix product."""
+
     block_m: int
     block_n: int
     block_k: int
@@ -224,33 +284,35 @@ class TileConfig(NamedTuple):
     group_m: int = 8
     decode_asm: bool = False
     swap_ab: bool = False
+    dequant_gemm: bool = False
 
 
-# Candidate tiles per batch-size bucket; the first of each list uses the plain-Triton decode and is the
-# tuner's correctness reference for the others. ``decode_asm``: the inline-PTX bf16x2 decode (about 6
-# instructions per weight element instead of 11-13 in the loop, from SASS of sm_90 builds). ``swap_ab``:
-# Yᵀ = W·Xᵀ with the decoded weight as the wgmma's register operand, which lets Triton keep one wgmma group
-# in flight while the next tile decodes (W as the shared-memory B operand forces a wait after every MMA).
 T = TileConfig
-# Decode-sized batches (M <= 16) are bound by reading and decoding the weight: tiles over N and K that put
-# every multiprocessor to work with several loads in flight; split-K where N alone gives too few programs.
+# Candidates per batch-size bucket; the first of each list uses the plain-Triton decode and is the tuner's
+# correctness reference for the others.
+# Decode-sized batches (M <= 16) are bound by reading and decoding the weight: enough programs (N tiles times
+# K slices) to give every scheduler several warps, so that the decode's latency is hidden.
 CONFIGS_SMALL_M = [
     T(16, 32, 256, 1, 4, 4),
-    T(16, 32, 256, 1, 4, 4, decode_asm=True),
-    T(16, 64, 256, 1, 4, 4, decode_asm=True),
     T(16, 32, 512, 1, 4, 3, decode_asm=True),
     T(16, 64, 512, 1, 4, 3, decode_asm=True),
-    T(16, 64, 256, 2, 4, 4, decode_asm=True),
+    T(16, 16, 512, 1, 4, 3, decode_asm=True),
+    T(16, 32, 512, 2, 4, 3, decode_asm=True),
+    T(16, 32, 256, 4, 4, 4, decode_asm=True),
+    T(16, 64, 512, 2, 4, 3, decode_asm=True),
+    T(16, 64, 256, 4, 4, 4, decode_asm=True),
+    T(16, 64, 256, 8, 4, 4, decode_asm=True),
     T(16, 128, 256, 4, 4, 3, decode_asm=True),
-    T(16, 64, 256, 1, 4, 4, decode_asm=True, swap_ab=True),
-    T(16, 128, 128, 1, 4, 4, decode_asm=True, swap_ab=True),
+    T(16, 64, 256, 2, 4, 4, decode_asm=True, swap_ab=True),
 ]
+_DEQUANT_GEMM = T(64, 64, 256, 1, 4, 1, decode_asm=True, dequant_gemm=True)
 CONFIGS_MEDIUM_M = [
     T(64, 64, 128, 1, 4, 4),
-    T(64, 64, 128, 1, 4, 4, decode_asm=True),
+    T(64, 64, 128, 2, 4, 4, decode_asm=True),
     T(64, 128, 128, 1, 4, 4, decode_asm=True),
     T(64, 128, 128, 1, 4, 4, decode_asm=True, swap_ab=True),
     T(128, 128, 64, 1, 8, 4, decode_asm=True, swap_ab=True),
+    _DEQUANT_GEMM,
 ]
 # Large batches are bound by the tensor cores: big tiles, the decode amortised over BLOCK_M rows.
 CONFIGS_LARGE_M = [
@@ -258,16 +320,27 @@ CONFIGS_LARGE_M = [
     T(128, 256, 64, 1, 8, 3, decode_asm=True),
     T(256, 128, 64, 1, 8, 3, decode_asm=True, swap_ab=True),
     T(256, 128, 64, 1, 8, 4, decode_asm=True, swap_ab=True),
-    T(256, 128, 128, 1, 8, 2, decode_asm=True, swap_ab=True),
     T(128, 256, 64, 1, 8, 3, decode_asm=True, swap_ab=True),
     T(128, 128, 64, 1, 8, 4, decode_asm=True, swap_ab=True),
+    _DEQUANT_GEMM,
 ]
-ALL_CONFIGS = CONFIGS_SMALL_M + CONFIGS_MEDIUM_M + CONFIGS_LARGE_M
+ALL_CONFIGS = CONFIGS_SMALL_M + CONFIGS_MEDIUM_M[:-1] + CONFIGS_LARGE_M
 # Under TRITON_INTERPRET=1 (CPU tests) one small configuration, no tuning.
 _INTERPRET_CONFIG = TileConfig(16, 16, 64, 1, 4, 1, 2)
 
 _TUNED: dict[tuple, TileConfig] = {}
+_TIMINGS: dict[tuple, list] = {}  # key -> [(config, median ms)] measured by the tuner
 _REFUSED: dict[tuple, list] = {}  # key -> [(config, why)] refused by the tuner (wrong output or no compile)
+# Split-K scratch, zero between launches (the kernel leaves it so): float32 sums per (device, M, N) and
+# arrival counters per (device, tiles). Launches that share them must be ordered (one stream).
+_WORKSPACE: dict[tuple, torch.Tensor] = {}
+
+
+def _scratch(key: tuple, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    t = _WORKSPACE.get(key)
+    if t is None:
+        t = _WORKSPACE[key] = torch.zeros(shape, dtype=dtype, device=device)
+    return t
 
 
 def _m_bucket(m: int) -> int:
@@ -278,23 +351,47 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
+def dequantize(codes: torch.Tensor, scales: torch.Tensor, *, k: int, block: int, e4m3: bool = False,
+               tensor_scale: torch.Tensor | None = None, dtype: torch.dtype = torch.bfloat16,
+               config: TileConfig = _DEQUANT_GEMM) -> torch.Tensor:
+    """The packed weight ``[N, k]`` decoded to ``dtype`` on the GPU (weight = q·S, or q·S/g for nvfp4)."""
+    n = codes.shape[0]
+    w = torch.empty((n, k), device=codes.device, dtype=dtype)
+    gscale = None if tensor_scale is None else tensor_scale.reshape(1).to(torch.float32).contiguous()
+    grid = (triton.cdiv(n, config.block_n), triton.cdiv(k, config.block_k))
+    _dequantize_kernel[grid](
+        codes, scales, gscale if gscale is not None else codes, w, n, k, codes.shape[1], scales.shape[1],
+        codes.stride(0), scales.stride(0), w.stride(0),
+        BLK=block, E4M3=e4m3, DIV_G=gscale is not None, BLOCK_N=config.block_n, BLOCK_K=config.block_k,
+        DECODE_ASM=config.decode_asm and not _interpreting(), num_warps=config.num_warps,
+        num_stages=config.num_stages,
+    )
+    return w
+
+
 def _launch(cfg: TileConfig, x, codes, scales, gscale, bias, K, blk, e4m3, out_dtype) -> torch.Tensor:
     M, N = x.shape[0], codes.shape[0]
-    atomic = cfg.split_k > 1
-    y = torch.zeros((M, N), device=x.device, dtype=torch.float32) if atomic else torch.empty(
-        (M, N), device=x.device, dtype=out_dtype)
-    grid = (triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n), cfg.split_k)
+    if cfg.dequant_gemm:
+        w = dequantize(codes, scales, k=K, block=blk, e4m3=e4m3, tensor_scale=gscale, dtype=x.dtype, config=cfg)
+        return torch.nn.functional.linear(x, w, bias).to(out_dtype)
+    y = torch.empty((M, N), device=x.device, dtype=out_dtype)
+    tiles = triton.cdiv(M, cfg.block_m) * triton.cdiv(N, cfg.block_n)
+    if cfg.split_k > 1:
+        ws = _scratch(("ws", x.device, M, N), (M, N), torch.float32, x.device)
+        cnt = _scratch(("cnt", x.device, tiles), (tiles,), torch.int32, x.device)
+    else:
+        ws = cnt = y  # unused
     dummy = codes  # any pointer for the unused arguments
-    _quant_linear_kernel[grid](
-        x, codes, scales, gscale if gscale is not None else dummy, bias if bias is not None else dummy, y,
+    _quant_linear_kernel[(tiles, cfg.split_k)](
+        x, codes, scales, gscale if gscale is not None else dummy, bias if bias is not None else dummy, y, ws, cnt,
         M, N, K, codes.shape[1], scales.shape[1],
         x.stride(0), codes.stride(0), scales.stride(0), y.stride(0),
-        BLK=blk, E4M3=e4m3, DIV_G=gscale is not None, HAS_BIAS=bias is not None, ATOMIC=atomic,
+        BLK=blk, E4M3=e4m3, DIV_G=gscale is not None, HAS_BIAS=bias is not None,
         SPLIT_K=cfg.split_k, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         DECODE_ASM=cfg.decode_asm and not _interpreting(), SWAP_AB=cfg.swap_ab, INTERPRET=_interpreting(),
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return y.to(out_dtype) if atomic else y
+    return y
 
 
 def _candidates(m: int, k: int, blk: int) -> list[TileConfig]:
@@ -370,7 +467,7 @@ def _tune(key, x, codes, scales, gscale, bias, K, block, e4m3) -> TileConfig:
     candidates = _candidates(x.shape[0], K, block)
     reference = _launch(candidates[0], x, codes, scales, gscale, bias, K, block, e4m3, torch.float32)
     ref_norm = float(reference.double().norm()) or 1.0
-    best, best_ms, refused = None, float("inf"), []
+    best, best_ms, refused, timings = None, float("inf"), [], []
     for cfg in candidates:
         try:
             out = _launch(cfg, x, codes, scales, gscale, bias, K, block, e4m3, torch.float32)
@@ -384,9 +481,11 @@ def _tune(key, x, codes, scales, gscale, bias, K, block, e4m3) -> TileConfig:
         except Exception as err:  # noqa: BLE001 -- a configuration that does not compile or fit is skipped
             refused.append((cfg, repr(err)[:200]))
             continue
+        timings.append((cfg, ms))
         if ms < best_ms:
             best, best_ms = cfg, ms
     _REFUSED[key] = refused
+    _TIMINGS[key] = timings
     if best is None:
         raise RuntimeError(f"quant_linear kernel: no tile configuration ran for {key}: {refused}")
     _TUNED[key] = best
