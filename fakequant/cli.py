@@ -7,7 +7,7 @@ import importlib
 import sys
 
 # module -> registers one or more subcommands
-SUBCOMMAND_MODULES = ("fakequant.report", "fakequant.compare_loss")
+SUBCOMMAND_MODULES = ("fakequant.report", "fakequant.compare_loss", "fakequant.analyze")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -36,7 +36,7 @@ encoding here (``ENCODING_GAPS``): hierarchical MX ``e<E>m<M>K..B..``, ``hifx*_v
 or 1 + E + M > 8); ``encoding_of(q)`` returns ``None`` for them and ``no_encoding_reason(q)`` says why.
 
 Public: ``encode``, ``decode``, ``Encoded``, ``encoding_of``, ``no_encoding_reason``, ``element_grid``,
-``saturated``, ``scale_exponents``, ``ENCODINGS``, ``ENCODING_GAPS``.
+``element_scales``, ``saturated``, ``scale_exponents``, ``ENCODINGS``, ``ENCODING_GAPS``.
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ from .formats.nvfp import E2M1_VALUES
 from .qtype import QType
 
 __all__ = [
-    "encode", "decode", "Encoded", "encoding_of", "no_encoding_reason", "element_grid", "saturated",
+    "encode", "decode", "Encoded", "encoding_of", "no_encoding_reason", "element_grid", "element_scales", "saturated",
     "scale_exponents", "ENCODINGS", "ENCODING_GAPS",
 ]
 
@@ -399,25 +399,84 @@ def element_grid(qtype: QType | str) -> Tensor | None:
     return torch.arange(int(INT8_MAX) + 1, dtype=torch.float64)
 
 
-def scale_exponents(enc: Encoded) -> Tensor | None:
+def _block_layout(enc: Encoded) -> tuple[int, int]:
+    """(quantization axis, block length) of an encoding's scale layout; int8sym's block is the whole axis."""
+    q = QType(enc.meta["qtype"])
+    full = enc.meta["shape"] or [1]
+    qdim = q.q_dim % len(full)
+    kind = enc.meta["encoding"]
+    if kind == "int8":
+        return qdim, full[qdim]
+    if kind == "hif4":
+        return qdim, _HIF4_BLOCK
+    if kind == "fp4" and q.family in ("nvf4", "nvfp4"):
+        return qdim, 16
+    return qdim, q.blk_size
+
+
+def scale_exponents(enc: Encoded, hp: Tensor | None = None) -> Tensor | None:
     """Base-2 exponents (int32, one per block or slice) of the scales of an encoding, NaN blocks and zero
-    scales left out; ``None`` for ``hif8`` (no scales)."""
+    scales left out, and with ``hp`` (the encoded tensor) its all-zero blocks too, whose stored scale is a
+    placeholder. ``None`` for ``hif8`` (no scales)."""
     kind, t = enc.meta["encoding"], enc.tensors
     if kind == "hif8":
         return None
-    if kind == "int8" or (kind == "fp4" and "tensor_scale" not in t and QType(enc.meta["qtype"]).family == "nvf4"):
-        v = t["scales"].to(torch.float32) if kind == "int8" else packing.e4m3_decode(t["scales"])
-    elif kind == "fp4" and "tensor_scale" in t:  # nvfp4: the effective scale S / g
-        v = packing.e4m3_decode(t["scales"]) / t["tensor_scale"].to(torch.float32)
+    q = QType(enc.meta["qtype"])
+    live = None
+    if hp is not None:
+        qdim, block = _block_layout(enc)
+        x = (hp.reshape(1) if hp.dim() == 0 else hp).to(torch.float32)
+        blocks, _ = to_blocks(x, qdim, block)
+        live = (blocks.abs().amax(dim=-1) > 0).movedim(-1, qdim)  # the scale layout
+    if kind == "hif4":
+        b = t["scales"].to(torch.int32)
+        keep = b != _HIF4_NAN_SCALE
+        e = (b >> 2) - 48
+    elif kind in ("mx", "fp4") and q.family == "mx":  # E8M0 bytes
+        b = t["scales"].to(torch.int32)
+        keep = b != packing.E8M0_NAN
+        e = b - packing.E8M0_BIAS
+    else:
+        if kind == "int8":
+            v = t["scales"].to(torch.float32)
+        else:
+            v = packing.e4m3_decode(t["scales"])
+            if "tensor_scale" in t:  # nvfp4: the effective scale S / g
+                v = v / t["tensor_scale"].to(torch.float32)
+        keep = torch.isfinite(v) & (v > 0)
+        e = exponent(torch.where(keep, v, 1.0))
+    if live is not None:
+        keep = keep & live
+    return e[keep].flatten()
+
+
+def element_scales(enc: Encoded) -> Tensor | None:
+    """The scale of each element's block (or slice), float64 of the encoded tensor's shape, so that
+    ``|quantized| / scale`` lies on ``element_grid``: 2^s (MX), S (nvf4), S / g (nvfp4), SF (hif4), the step
+    (int8sym); NaN in NaN blocks. ``None`` for hif8 (no scales)."""
+    kind, meta, t = enc.meta["encoding"], enc.meta, enc.tensors
+    if kind == "hif8":
+        return None
+    q = QType(meta["qtype"])
+    full = torch.Size(meta["shape"]) if meta["shape"] else torch.Size([1])
+    qdim, block = _block_layout(enc)
+    b = t["scales"]
+    if kind == "int8":
+        per_block = b.to(torch.float64)
     elif kind == "hif4":
-        b = t["scales"].to(torch.int32)
-        return ((b >> 2) - 48)[b != _HIF4_NAN_SCALE].flatten()
-    else:  # E8M0 bytes
-        b = t["scales"].to(torch.int32)
-        return (b - packing.E8M0_BIAS)[b != packing.E8M0_NAN].flatten()
-    v = v.flatten()
-    v = v[torch.isfinite(v) & (v > 0)]
-    return exponent(v)
+        s = b.to(torch.int32)
+        per_block = ((s & 3) + 4).to(torch.float64) * torch.exp2(((s >> 2) - 50).to(torch.float64))
+        per_block = torch.where(s == _HIF4_NAN_SCALE, float("nan"), per_block)
+    elif q.family in ("nvf4", "nvfp4"):
+        per_block = packing.e4m3_decode(b).to(torch.float64)
+        if "tensor_scale" in t:
+            per_block = per_block / t["tensor_scale"].to(torch.float64)
+    else:
+        s = b.to(torch.int32)
+        per_block = torch.exp2((s - packing.E8M0_BIAS).to(torch.float64))
+        per_block = torch.where(s == packing.E8M0_NAN, float("nan"), per_block)
+    per_element = per_block.repeat_interleave(block, dim=qdim).narrow(qdim, 0, full[qdim])
+    return per_element.reshape(torch.Size(meta["shape"]))
 
 
 def saturated(hp: Tensor, enc: Encoded) -> Tensor:
