@@ -7,7 +7,7 @@ import importlib
 import sys
 
 # module -> registers one or more subcommands
-SUBCOMMAND_MODULES = ("fakequant.report", "fakequant.compare_loss", "fakequant.analyze")
+SUBCOMMAND_MODULES = ("fakequant.report", "fakequant.compare_loss", "fakequant.analyze", "fakequant.demo_cli")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -14,7 +14,7 @@
   included. Tensor methods and operators (``a @ b``, ``a.bmm(b)``) are not routed.
 
 Public: ``patch``, ``unpatch``, ``patch_functional``, ``attach_observer``, ``detach_observer``,
-``FakeQuantLinear``, ``PatchReport``, ``PatchedLayer``, ``FUNCTIONAL_OPS``.
+``set_enabled``, ``is_enabled``, ``FakeQuantLinear``, ``PatchReport``, ``PatchedLayer``, ``FUNCTIONAL_OPS``.
 """
 
 from __future__ import annotations
@@ -34,7 +34,8 @@ from .config import FakeQuantConfig
 from .observe import Observer, ObserverSite, check_observers
 
 __all__ = [
-    "patch", "unpatch", "patch_functional", "attach_observer", "detach_observer", "FakeQuantLinear", "PatchReport",
+    "patch", "unpatch", "patch_functional", "attach_observer", "detach_observer", "set_enabled", "is_enabled",
+    "FakeQuantLinear", "PatchReport",
     "PatchedLayer", "FUNCTIONAL_OPS",
 ]
 
@@ -184,6 +185,26 @@ def _patched_modules(model: nn.Module, where: str) -> list[FakeQuantLinear]:
     if not modules:
         raise RuntimeError(f"{where}: the model has no patched modules (call fakequant.patch first)")
     return modules
+
+
+def set_enabled(model: nn.Module, enabled: bool) -> list[str]:
+    """Switch fake quantization of every patched module of ``model`` off (plain GEMMs, bit for bit) or back
+    on, without unpatching: a bf16 warm-up before quantized training. Returns the modules' names."""
+    if not isinstance(enabled, bool):
+        raise TypeError(f"set_enabled: enabled must be a bool, got {type(enabled).__name__}")
+    modules = _patched_modules(model, "set_enabled")
+    for module in modules:
+        config = module.fakequant_config if enabled else _HIGH_PRECISION
+        module._fakequant_plan = _ag.gemm_plan(config, "linear")
+    return [m._fakequant_name for m in modules]
+
+
+def is_enabled(module: nn.Module) -> bool:
+    """Whether a patched module currently fake-quantizes (see ``set_enabled``)."""
+    return module._fakequant_plan == _ag.gemm_plan(module.fakequant_config, "linear")
+
+
+_HIGH_PRECISION = FakeQuantConfig()
 
 
 def _same(a: Observer, b: Observer) -> bool:
