@@ -406,6 +406,18 @@ class TensorSaver:
     def current_step(self) -> int | None:
         return self._step
 
+    def close(self) -> None:
+        """Stop dumping until the next ``step(n)``. Every file is complete and listed as soon as it is written,
+        so nothing is lost without calling this (the Lightning callback calls it at teardown)."""
+        with self._lock:
+            self._active = False
+
+    def __enter__(self) -> TensorSaver:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def attach(self, model: torch.nn.Module) -> list[str]:
         """``fakequant.patch.attach_observer(model, self)``: observe every patched layer of ``model``."""
         from .patch import attach_observer
@@ -554,7 +566,7 @@ def _bitwise_equal(a: Tensor, b: Tensor) -> bool:
 
 class DumpEntry(NamedTuple):
     """One dump file: ``tensors`` (``hp``, ``quantized``, ``packed.*``), ``meta`` (the JSON metadata) and
-    its ``path``. ``tensors, meta = load(p)`` unpacks the first two... and ``path`` too."""
+    its ``path``; ``tensors, meta, path = load(p)``."""
 
     tensors: dict[str, Tensor]
     meta: dict

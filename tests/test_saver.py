@@ -1,0 +1,345 @@
+"""TensorSaver: layout, manifest, bit-exact codes, the gradients the GEMMs used, safety, and DDP ranks."""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import socket
+import warnings
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+from fakequant import FakeQuantConfig, QType, attach_observer, patch, quant_dequant
+from fakequant.saver import (
+    TensorSaver, every, load, load_file, read_manifest, sanitise, save_file, serialize, deserialize,
+)
+
+from .conftest import assert_bitwise_equal
+from .saver_run import CONFIG, GPT, LAYER_REGEX, LAYERS, N_STEPS, OPERANDS, STEPS, train_with_saver
+from .tiny_gpt import TinyGPT, synthetic_batch
+
+
+@pytest.fixture(autouse=True)
+def _one_intra_op_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def dump(tmp_path_factory):
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("dump")
+    saver, losses, captured = train_with_saver(out, capture=True)
+    return out, saver, losses, captured
+
+
+def _snapshot(folder):
+    return {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+# ------------------------------------------------------------------------------------------ layout
+def test_layout_and_manifest_are_exactly_as_specified(dump):
+    out, saver, losses, _ = dump
+    assert len(losses) == N_STEPS
+    expected = {f"rank_0/step_{s:06d}/{layer}.{g}.{r}.safetensors" for s in STEPS for layer in LAYERS
+                for g, r in OPERANDS}
+    files = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    assert files == expected | {"rank_0/manifest.jsonl"}  # nothing else: no temporary files
+    assert sorted(d.name for d in (out / "rank_0").iterdir() if d.is_dir()) == ["step_000001", "step_000003"]
+    manifest = read_manifest(out)
+    assert [m["path"] for m in manifest] == [p.relative_to(out).as_posix() for p in saver.files]
+    assert {m["path"] for m in manifest} == expected and len(manifest) == len(expected)
+    for m in manifest:
+        path = out / m["path"]
+        assert m["bytes"] == path.stat().st_size
+        entry = load(path)
+        assert {k: v for k, v in m.items() if k not in ("path", "bytes")} == entry.meta
+        layer, gemm, role = path.name.removesuffix(".safetensors").rsplit(".", 2)
+        assert (m["layer"], m["gemm"], m["role"], m["rank"]) == (layer, gemm, role, 0)
+        assert path.parent.name == f"step_{m['step']:06d}"
+        q = CONFIG.format_for(gemm, role)
+        assert QType(m["qtype"]).dim(-1) == q.dim(-1) and QType(m["qtype"]).q_dim == m["axis"]
+        assert m["dtype"] == "float32" and m["shape"] == list(entry.hp.shape)
+        assert m["packed"]["encoding"] in ("fp4", "mx", "hif8", "hif4", "int8") and m["packed_exact"] is True
+        assert {"hp", "quantized", "packed.codes"} <= set(entry.tensors)
+        assert ("packed.scales" in entry.tensors) == (m["packed"]["encoding"] != "hif8")  # HiF8 has no scales
+    assert sum(m["bytes"] for m in manifest) == saver.bytes_written
+
+
+def test_load_and_decode_reproduce_every_quantized_tensor_bit_for_bit(dump):
+    out, *_ = dump
+    encodings = set()
+    for m in read_manifest(out):
+        entry = load(out / m["path"])
+        assert_bitwise_equal(entry.decode(), entry.quantized)
+        assert_bitwise_equal(entry.quantized, quant_dequant(entry.hp, entry.qtype))  # the reference's numbers
+        encodings.add(m["packed"]["encoding"])
+    assert encodings == {"fp4", "mx", "hif8", "hif4", "int8"}
+
+
+def test_dumped_operands_are_the_ones_the_gemms_used(dump):
+    """Against hooks that know nothing of fakequant: the module input, its weight, dY and dX from tensor
+    hooks, and dW from ``.grad``; the dumped quantized operands rebuild dX and dW bit for bit."""
+    out, _, _, captured = dump
+
+    def entry(step, layer, gemm, role):
+        return load(out / f"rank_0/step_{step:06d}/{layer}.{gemm}.{role}.safetensors")
+
+    for step in STEPS:
+        for layer in LAYERS:
+            cap = captured[(step, layer)]
+            x2 = cap["x"].reshape(-1, cap["x"].shape[-1])  # [M, K]
+            dy2 = cap["dy"].reshape(-1, cap["dy"].shape[-1])  # [M, N]
+            e = {(g, r): entry(step, layer, g, r) for g, r in OPERANDS}
+            assert_bitwise_equal(e["fprop", "input"].hp, cap["x"])
+            assert_bitwise_equal(e["fprop", "weight"].hp, cap["weight"])
+            assert_bitwise_equal(e["dgrad", "weight"].hp, cap["weight"])
+            assert_bitwise_equal(e["dgrad", "grad_output"].hp, dy2)
+            assert_bitwise_equal(e["wgrad", "grad_output"].hp, dy2)
+            assert_bitwise_equal(e["wgrad", "input"].hp, x2)
+            # Hand-built quantized gradients: dY along N for dgrad, along M for wgrad (DESIGN.md GEMM table).
+            q_dy_dgrad = quant_dequant(dy2, QType("mxfp8e5m2").dim(-1))
+            q_dy_wgrad = quant_dequant(dy2, QType("hif8").dim(-2))
+            q_w_dgrad = quant_dequant(cap["weight"], QType("nvfp4").dim(-2))
+            q_x_wgrad = quant_dequant(x2, QType("int8sym").dim(-2))
+            assert_bitwise_equal(e["dgrad", "grad_output"].quantized, q_dy_dgrad)
+            assert_bitwise_equal(e["wgrad", "grad_output"].quantized, q_dy_wgrad)
+            assert_bitwise_equal(e["dgrad", "weight"].quantized, q_w_dgrad)
+            assert_bitwise_equal(e["wgrad", "input"].quantized, q_x_wgrad)
+            # The decoded dumps reproduce the gradients autograd produced.
+            dx = e["dgrad", "grad_output"].decode().mm(e["dgrad", "weight"].decode()).view(cap["x"].shape)
+            dw = e["wgrad", "grad_output"].decode().t().mm(e["wgrad", "input"].decode())
+            assert_bitwise_equal(dx, cap["dx"])
+            assert_bitwise_equal(dw, cap["dw"])
+
+
+# ------------------------------------------------------------------------------------------ safety
+def test_a_second_run_into_the_same_folder_fails_before_touching_anything(dump):
+    out, *_ = dump
+    before = _snapshot(out)
+    with pytest.raises(FileExistsError, match=r"rank_0 already holds a dump .*24 tensor files.*overwrite=True"):
+        train_with_saver(out)
+    with pytest.raises(FileExistsError, match="nothing was written"):
+        TensorSaver(out, steps=[0])
+    assert _snapshot(out) == before
+
+
+def test_overwrite_true_replaces_only_the_rank_folder(tmp_path):
+    train_with_saver(tmp_path, steps=[1])
+    (tmp_path / "notes.txt").write_text("mine")
+    saver, _, _ = train_with_saver(tmp_path, steps=[2], overwrite=True)
+    assert sorted(p.name for p in (tmp_path / "rank_0").iterdir()) == ["manifest.jsonl", "step_000002"]
+    assert {m["step"] for m in read_manifest(tmp_path)} == {2} and len(saver.files) == 12
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+
+
+def test_max_bytes_stops_after_two_complete_files_with_one_warning(dump, tmp_path):
+    sizes = [m["bytes"] for m in read_manifest(dump[0])]
+    budget = sizes[0] + sizes[1] + sizes[2] - 1  # the third file would pass it
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        saver, losses, _ = train_with_saver(tmp_path, max_bytes=budget)
+    mine = [w for w in caught if "max_bytes" in str(w.message)]
+    assert len(mine) == 1 and issubclass(mine[0].category, RuntimeWarning)
+    assert "training continues" in str(mine[0].message)
+    assert len(losses) == N_STEPS and saver.stopped  # the run went on
+    files = sorted(p for p in tmp_path.rglob("*.safetensors"))
+    assert len(files) == 2 and len(read_manifest(tmp_path)) == 2
+    assert sum(p.stat().st_size for p in files) == saver.bytes_written == sizes[0] + sizes[1]
+    for p in files:
+        entry = load(p)  # complete: parses, and decodes to its quantized tensor
+        assert_bitwise_equal(entry.decode(), entry.quantized)
+    assert not [p for p in tmp_path.rglob("*") if p.name.startswith(".")]
+
+
+def test_load_never_unpickles(dump, monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("pickle used")
+
+    monkeypatch.setattr(pickle, "loads", refuse)
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "Unpickler", refuse)
+    monkeypatch.setattr(torch, "load", refuse)
+    out, *_ = dump
+    for m in read_manifest(out)[:6]:
+        load(out / m["path"]).decode()
+
+
+def test_files_are_standard_safetensors(dump, tmp_path):
+    st = pytest.importorskip("safetensors.torch")
+    out, *_ = dump
+    path = out / read_manifest(out)[0]["path"]
+    theirs, mine = st.load_file(str(path)), load(path).tensors
+    assert theirs.keys() == mine.keys()
+    for k in mine:
+        assert_bitwise_equal(theirs[k], mine[k]) if mine[k].is_floating_point() else torch.equal(theirs[k], mine[k])
+    # and we read what the library writes, every dtype we store
+    tensors = {"a": torch.randn(3, 5).bfloat16(), "b": torch.arange(7, dtype=torch.uint8), "c": torch.zeros(0, 2),
+               "d": torch.tensor(1.5), "e": torch.randn(4).half(), "f": torch.tensor([True, False])}
+    st.save_file(tensors, str(tmp_path / "lib.safetensors"), metadata={"k": "v"})
+    back, meta = load_file(tmp_path / "lib.safetensors")
+    assert meta == {"k": "v"} and back.keys() == tensors.keys()
+    for k, v in tensors.items():
+        assert back[k].dtype == v.dtype and back[k].shape == v.shape and torch.equal(back[k], v)
+    assert deserialize(serialize(tensors))[0].keys() == tensors.keys()
+
+
+def test_save_file_is_atomic_and_never_overwrites(tmp_path):
+    p = tmp_path / "t.safetensors"
+    save_file({"x": torch.ones(2)}, p)
+    with pytest.raises(FileExistsError, match="never overwrites"):
+        save_file({"x": torch.zeros(2)}, p)
+    assert torch.equal(load_file(p)[0]["x"], torch.ones(2))
+    assert sorted(q.name for q in tmp_path.iterdir()) == ["t.safetensors"]
+    with pytest.raises(ValueError, match="not a safetensors file"):
+        (tmp_path / "bad.safetensors").write_bytes(b"\xff" * 16)
+        load_file(tmp_path / "bad.safetensors")
+    with pytest.raises(ValueError, match="not a fakequant dump"):
+        load(p)
+
+
+# ------------------------------------------------------------------------------------------ selection
+def test_step_rules():
+    assert [s for s in range(12) if every(4)(s)] == [0, 4, 8]
+    assert [s for s in range(12) if every(3, start=2, stop=9)(s)] == [2, 5, 8]
+    for steps, chosen in (([1, 3], {1, 3}), (range(2, 8, 3), {2, 5}), (every(5), {0, 5}),
+                          (lambda s: s % 4 == 1, {1, 5}), ({6}, {6})):
+        saver = TensorSaver("unused", steps=steps)
+        assert {s for s in range(8) if saver.step(s)} == chosen
+    with pytest.raises(TypeError, match=r"ambiguous; pass \[5\] .*every\(5\)"):
+        TensorSaver("unused", steps=5)
+    with pytest.raises(ValueError, match="non-negative ints"):
+        TensorSaver("unused", steps=[1, -2])
+    with pytest.raises(TypeError, match="steps must be"):
+        TensorSaver("unused", steps="1,3")
+
+
+def test_bad_arguments_name_the_field_and_the_allowed_values():
+    cases = [
+        (dict(gemms=("fprop", "bprop")), ValueError, "gemms=.*fprop, dgrad, wgrad"),
+        (dict(roles=("activation",)), ValueError, "roles=.*input, weight, grad_output"),
+        (dict(what=("codes",)), ValueError, "what=.*hp, quantized, packed"),
+        (dict(max_bytes=0), ValueError, "max_bytes=0 must be a positive int or None"),
+        (dict(layers="h.(0"), ValueError, "not a valid regex"),
+        (dict(layers=3), TypeError, "layers must be a regex"),
+        (dict(ranks=(-1,)), ValueError, "ranks="),
+        (dict(calls="every"), ValueError, "calls='every' is not one of first, all"),
+        (dict(overwrite="yes"), TypeError, "overwrite must be a bool"),
+    ]
+    for kwargs, err, message in cases:
+        with pytest.raises(err, match=message):
+            TensorSaver("unused", steps=[0], **kwargs)
+    with pytest.raises(ValueError, match="non-negative int"):
+        TensorSaver("unused", steps=[0]).step(-1)
+
+
+def test_filters_what_and_names(tmp_path):
+    saver, _, _ = train_with_saver(tmp_path, steps=[2], layers=lambda n: n == "h.0.attn.c_attn",
+                                   gemms=("dgrad",), roles=("grad_output",), what=("quantized", "packed"))
+    [path] = saver.files
+    assert path.relative_to(tmp_path).as_posix() == "rank_0/step_000002/h.0.attn.c_attn.dgrad.grad_output.safetensors"
+    entry = load(path)
+    assert "hp" not in entry.tensors and set(entry.meta["tensors"]) == {"quantized", "packed.codes", "packed.scales"}
+    assert_bitwise_equal(entry.decode(), entry.quantized)
+    assert sanitise("h.0.attn") == "h.0.attn"
+    assert sanitise("") == "functional-da39a3ee"
+    assert sanitise("a/b c") != sanitise("a_b_c") and sanitise("a/b c").startswith("a_b_c-")
+    assert sanitise("..") .startswith("functional-") or not sanitise("..").startswith(".")
+
+
+def test_functional_calls_formats_without_codes_and_calls_all(tmp_path):
+    """patch_functional (layer ""), a format with no bit encoding (tmx), every call dumped."""
+    from fakequant import patch_functional
+
+    cfg = FakeQuantConfig(input="tmx6", weight="mxfp8e4m3")
+    saver = TensorSaver(tmp_path, steps=[0], roles=("input", "weight"), gemms=("fprop",), calls="all")
+    saver.step(0)
+    a, b = torch.randn(4, 64), torch.randn(64, 8)
+    with patch_functional(cfg, ops=("matmul",), observers=(saver,)):
+        torch.matmul(a, b)
+        torch.matmul(a, b)
+    names = sorted(p.name for p in saver.files)
+    stem = sanitise("")
+    assert names == [f"{stem}.fprop.input.call1.safetensors", f"{stem}.fprop.input.safetensors",
+                     f"{stem}.fprop.weight.call1.safetensors", f"{stem}.fprop.weight.safetensors"]
+    entry = load(tmp_path / "rank_0/step_000000" / f"{stem}.fprop.input.safetensors")
+    assert entry.meta["layer"] == "" and entry.meta["packed"] is None
+    assert "no bit encoding" in entry.meta["packed_note"] and "tmx6" in entry.meta["packed_note"]
+    with pytest.raises(ValueError, match="no packed codes"):
+        entry.decode()
+    assert load(tmp_path / "rank_0/step_000000" / f"{stem}.fprop.input.call1.safetensors").meta["call"] == 1
+
+
+def test_attach_without_lightning_and_no_step_warns_once(tmp_path):
+    model = nn.Sequential(nn.Linear(32, 32))
+    patch(model, FakeQuantConfig(input="mxfp4", weight="mxfp4"))
+    saver = TensorSaver(tmp_path, steps=every(2))
+    assert saver.attach(model) == ["0"] == attach_observer(model, saver)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model(torch.randn(2, 32)).sum().backward()
+        model(torch.randn(2, 32)).sum().backward()
+    assert len([w for w in caught if "saver.step(n)" in str(w.message)]) == 1
+    assert not saver.files
+    for step in range(3):
+        saver.step(step)
+        model(torch.randn(2, 32)).sum().backward()
+    assert {p.parent.name for p in saver.files} == {"step_000000", "step_000002"}
+    assert saver.detach(model) == ["0"]
+
+
+# ------------------------------------------------------------------------------------------ DDP
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(0)
+        model = TinyGPT(GPT)
+        saver = TensorSaver(out_dir, steps=[0, 1], layers=LAYER_REGEX, ranks=(0, 1))
+        patch(model, CONFIG, observers=(saver,))
+        ddp = nn.parallel.DistributedDataParallel(model)
+        opt = torch.optim.AdamW(ddp.parameters(), lr=3e-3)
+        batch = synthetic_batch(GPT, 2, seed=1 + rank)
+        for step in range(2):
+            saver.step(step)
+            _, loss = ddp(*batch)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        assert saver.rank == rank
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo")
+def test_ddp_two_ranks_write_their_own_folders(tmp_path):
+    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rank_0", "rank_1"]
+    per_rank = {}
+    for r in (0, 1):
+        lines = [json.loads(x) for x in (tmp_path / f"rank_{r}" / "manifest.jsonl").read_text().splitlines()]
+        assert all(m["rank"] == r and m["path"].startswith(f"rank_{r}/") for m in lines)
+        on_disk = {p.relative_to(tmp_path).as_posix() for p in (tmp_path / f"rank_{r}").rglob("*.safetensors")}
+        assert {m["path"] for m in lines} == on_disk and len(on_disk) == 2 * len(LAYERS) * len(OPERANDS)
+        per_rank[r] = on_disk
+    assert not per_rank[0] & per_rank[1]
+    # same layout under each rank, different data (each rank saw its own batch)
+    assert {p[len("rank_0/"):] for p in per_rank[0]} == {p[len("rank_1/"):] for p in per_rank[1]}
+    x0 = load(tmp_path / "rank_0/step_000000/h.0.attn.c_attn.fprop.input.safetensors").hp
+    x1 = load(tmp_path / "rank_1/step_000000/h.0.attn.c_attn.fprop.input.safetensors").hp
+    assert not torch.equal(x0, x1)
+    assert len(read_manifest(tmp_path)) == 2 * len(per_rank[0])
