@@ -15,6 +15,9 @@ from .compat import quant_dequant_qkv, quant_dequant_tensor, quant_dequant_tenso
 # The Ascend backend registers itself into the dispatch table when torch_npu imports; without it this
 # import registers nothing and records why (``fakequant.dispatch.describe()``).
 import fakequant_npu as _fakequant_npu  # noqa: E402,F401
+from . import packing, scale_search  # noqa: E402  (real low-bit storage, MSE / Hessian scale search)
+from .nn import QuantLinear  # noqa: E402
+from .export import ExportReport, export  # noqa: E402  (binds fakequant.export to the function)
 
 __version__ = "0.1.0"
 
@@ -25,3 +28,4 @@ __all__ += [
     "attach_observer", "detach_observer", "OperandEvent",
     "quant_dequant_tensor", "quant_dequant_tensor_with_backward", "quant_dequant_qkv",
 ]
+__all__ += ["packing", "scale_search", "QuantLinear", "export", "ExportReport"]
