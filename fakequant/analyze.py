@@ -227,6 +227,23 @@ def _log_bins(a: Tensor, n: int = 80) -> Tensor:
     return torch.logspace(lo, hi, n + 1, dtype=torch.float64)
 
 
+_GRID_COLOR = "#c44e00"
+_DENSE_GRID = 32  # more visible grid values than this are drawn as ticks along the bottom, not full lines
+
+
+def _draw_grid(ax, values: list[float], label: str, lo: float | None = None, hi: float | None = None) -> None:
+    """Representable values as vertical lines, or as a rug of ticks along the bottom when they are dense."""
+    shown = [v for v in values if (lo is None or v >= lo) and (hi is None or v <= hi)]
+    if not shown:
+        return
+    if len(shown) <= _DENSE_GRID:
+        for i, v in enumerate(shown):
+            ax.axvline(v, color=_GRID_COLOR, lw=0.8, zorder=3, label=label if i == 0 else None)
+    else:
+        ax.vlines(shown, 0, 0.07, transform=ax.get_xaxis_transform(), color=_GRID_COLOR, lw=0.8, zorder=3,
+                  label=f"{label} ({len(shown)} values, ticks)")
+
+
 def plot_histogram(hp: Tensor, quantized: Tensor, qtype: QType, title: str, path: Path,
                    enc: codec.Encoded | None = None) -> Path:
     """|x| on a log axis with the format's representable magnitudes overlaid.
@@ -257,23 +274,22 @@ def plot_histogram(hp: Tensor, quantized: Tensor, qtype: QType, title: str, path
         if ok.any():
             vals, counts = torch.unique(s[ok], return_counts=True)
             mode = vals[counts.argmax()].item()
-            g = grid[grid > 0] * mode
-            for i, v in enumerate(g.tolist()):
-                ax.axvline(v, color="#c44e00", lw=0.8, zorder=3, label="grid at the most common scale" if i == 0 else None)
+            _draw_grid(ax, (grid[grid > 0] * mode).tolist(), "grid at the most common scale")
             smin, smax = s[ok].min().item(), s[ok].max().item()
             ax.axvspan(grid[grid > 0][0].item() * smin, grid[-1].item() * smax, color="#dd8452", alpha=0.08,
                        label="grid span over all block scales")
+            if nz.numel():  # the data's range, with room for the top of the grid
+                ax.set_xlim(nz.min().item() / 2, max(nz.max().item(), grid[-1].item() * smax) * 2)
     elif grid is not None:  # hif8: absolute values
-        for i, v in enumerate(grid[grid > 0].tolist()):
-            ax.axvline(v, color="#c44e00", lw=0.5, zorder=3, label=f"{qtype} values" if i == 0 else None)
+        lo, hi = (nz.min().item() / 2, nz.max().item() * 2) if nz.numel() else (None, None)
+        _draw_grid(ax, grid[grid > 0].tolist(), f"{qtype} values", lo, hi)
         if nz.numel():
-            ax.set_xlim(nz.min().item() / 2, nz.max().item() * 2)
+            ax.set_xlim(lo, hi)
     else:
         qv = torch.unique(quantized.detach().double().abs().flatten())
         qv = qv[torch.isfinite(qv) & (qv > 0)]
         if 0 < qv.numel() <= 512:
-            for i, v in enumerate(qv.tolist()):
-                ax.axvline(v, color="#c44e00", lw=0.5, zorder=3, label="quantized values" if i == 0 else None)
+            _draw_grid(ax, qv.tolist(), "quantized values")
         else:
             ax.text(0.02, 0.95, f"{qtype}: no representable grid drawn ({qv.numel()} distinct values)",
                     transform=ax.transAxes, fontsize=8, va="top")
@@ -290,12 +306,14 @@ def plot_histogram(hp: Tensor, quantized: Tensor, qtype: QType, title: str, path
             ax2.hist(u.numpy(), bins=_log_bins(u).numpy(), color="#55a868", alpha=0.85, label="|x| / block scale")
         ax2.set_xscale("log")
         ax2.set_yscale("log")
-        for i, v in enumerate(grid[grid > 0].tolist()):
-            ax2.axvline(v, color="#c44e00", lw=0.8, zorder=3, label="element grid" if i == 0 else None)
-        ax2.axvspan(top, max(top * 1.5, u.max().item() if u.numel() else top), color="#c44e52", alpha=0.12,
-                    label="beyond the largest element")
-        ax2.axvspan(u.min().item() if u.numel() else grid[1].item() / 4, grid[grid > 0][0].item() / 2,
-                    color="#8172b3", alpha=0.12, label="rounds to 0")
+        _draw_grid(ax2, grid[grid > 0].tolist(), "element grid")
+        low = grid[grid > 0][0].item() / 2  # below half the smallest element: rounds to 0 (nearest rounding)
+        u_lo = u.min().item() if u.numel() else low
+        u_hi = u.max().item() if u.numel() else top
+        x_lo, x_hi = min(u_lo, low) / 2, max(u_hi, top) * 2
+        ax2.axvspan(top, x_hi, color="#c44e52", alpha=0.12, label="beyond the largest element")
+        ax2.axvspan(x_lo, low, color="#8172b3", alpha=0.12, label="rounds to 0")
+        ax2.set_xlim(x_lo, x_hi)
         ax2.set_xlabel("|x| / block scale (element units)")
         ax2.set_title(f"(b) in block-scale units: saturated {sat.double().mean().item() * 100:.2f}%, "
                       f"flushed {flushed:.2f}%", fontsize=10)
