@@ -63,15 +63,16 @@ _HEADINGS = {
 # Statistics of one tensor and its quantized copy
 
 
-def tensor_stats(hp: Tensor, quantized: Tensor, qtype: QType) -> dict:
+def tensor_stats(hp: Tensor, quantized: Tensor, qtype: QType, enc: codec.Encoded | None = None) -> dict:
     """``error_stats`` (flushed as a percentage) plus saturated % and the scale-exponent range, read off the
-    format's bit encoding (``None`` where the format has none)."""
+    format's bit encoding ``enc`` (made from ``hp`` when not given; ``None`` where the format has none)."""
     stats = error_stats(hp, quantized)
     row = {k: stats[k] for k in ("mse", "sqnr_db", "cosine", "max_abs_err")}
     row["flushed_pct"] = 100.0 * stats["flushed_frac"]
     row["saturated_pct"] = row["scale_exp_min"] = row["scale_exp_max"] = None
-    if codec.encoding_of(qtype) is not None and hp.numel():
+    if enc is None and codec.encoding_of(qtype) is not None and hp.numel():
         enc = codec.encode(hp, qtype)
+    if enc is not None:
         row["saturated_pct"] = 100.0 * codec.saturated(hp, enc).double().mean().item()
         exps = codec.scale_exponents(enc, hp)
         if exps is not None and exps.numel():
@@ -101,10 +102,8 @@ def dump_rows(dump_dir: str | Path) -> list[dict]:
         quantized = entry.quantized if entry.quantized is not None else quant_dequant(hp, q)
         row = {k: m.get(k) for k in ("rank", "step", "layer", "gemm", "role", "qtype")}
         row["shape"] = "x".join(map(str, hp.shape))
-        row.update(tensor_stats(hp, quantized, q))
-        enc = _entry_encoded(entry, hp, q)
-        if enc is not None:  # the stored codes, when there are some, are what the GEMM used
-            row["saturated_pct"] = 100.0 * codec.saturated(hp, enc).double().mean().item()
+        # the stored codes, when the file has them, are those of the operand the GEMM used
+        row.update(tensor_stats(hp, quantized, q, _entry_encoded(entry, hp, q)))
         row["path"] = m["path"]
         rows.append(row)
     order = {name: i for i, name in enumerate(layer_order)}
