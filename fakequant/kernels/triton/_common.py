@@ -320,28 +320,32 @@ class TilePlan:
 
 
 def plan_tiles(g: Geometry, block: int, block_pow2: int, elem_size: int, interpreted: bool,
-               target_elems: int = 4096, override: tuple[int, int, int] | None = None) -> TilePlan:
-    """Choose tile sizes: about ``target_elems`` elements per program on the GPU (enough bytes in flight per
-    SM), one big tile per program under the interpreter (whose cost is per program and per operation)."""
+               override: tuple | None = None, tiles: dict | None = None) -> TilePlan:
+    """Choose the tile of one program.
+
+    ``tiles`` is the family's measured table (see each kernel module's ``TILES``): for an element size of 2
+    (bf16/fp16) or 4 bytes (fp32), ``"row": (elements per tile, warps)`` along the last axis and
+    ``"col": (elements along the axis, columns, warps)`` otherwise. Under the interpreter (whose cost is per
+    program and per operation) one big tile is used instead. ``override=(blocks, columns, warps[, scalar])``
+    replaces the choice (benchmark sweeps).
+    """
     n_row_blocks = -(-g.length // block)
-    if override is not None:  # (nblk, bi, num_warps[, scalar]), for benchmark sweeps
+    if override is not None:
         nblk, bi, warps = override[:3]
         if g.inner == 1:
             return TilePlan(False, nblk, 1, warps, -(-(g.outer * n_row_blocks) // nblk))
         return TilePlan(True, nblk, bi, warps, g.outer * -(-n_row_blocks // nblk) * -(-g.inner // bi),
                         bool(override[3]) if len(override) > 3 else False)
-    if interpreted:
-        target_elems = 1 << 16
+    table = (tiles or DEFAULT_TILES).get(2 if elem_size <= 2 else 4)
     if g.inner == 1:
-        nblk = max(1, min(next_pow2(g.outer * n_row_blocks), max(1, target_elems // block_pow2)))
-        grid = -(-(g.outer * n_row_blocks) // nblk)
-        tile = nblk * block_pow2
-        warps = 4 if tile <= 4096 else 8
-        return TilePlan(False, nblk, 1, warps, grid)
-    # column mode: at least 16 bytes of contiguous columns per row, more when the blocks are short
-    bi = min(next_pow2(g.inner), max(16 // elem_size, max(1, target_elems // block_pow2)))
-    bi = min(bi, 256)
-    nblk = max(1, min(next_pow2(n_row_blocks), max(1, target_elems // (block_pow2 * bi))))
-    grid = g.outer * -(-n_row_blocks // nblk) * -(-g.inner // bi)
-    warps = 4 if nblk * block_pow2 * bi <= 4096 else 8
-    return TilePlan(True, nblk, bi, warps, grid)
+        elems, warps = ((1 << 16), 4) if interpreted else table["row"]
+        nblk = max(1, min(next_pow2(g.outer * n_row_blocks), elems // block_pow2))
+        return TilePlan(False, nblk, 1, warps, -(-(g.outer * n_row_blocks) // nblk))
+    along, bi, warps = ((1 << 10), 64, 4) if interpreted else table["col"]
+    bi = min(bi, next_pow2(g.inner))
+    nblk = max(1, min(next_pow2(n_row_blocks), along // block_pow2))
+    return TilePlan(True, nblk, bi, warps, g.outer * -(-n_row_blocks // nblk) * -(-g.inner // bi))
+
+
+# Measured on an H100 (scripts/bench_kernels.py --sweep, docs/benchmarks.md); families override them.
+DEFAULT_TILES = {2: {"row": (1024, 4), "col": (32, 128, 4)}, 4: {"row": (1024, 4), "col": (32, 128, 4)}}

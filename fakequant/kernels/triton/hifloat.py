@@ -153,6 +153,12 @@ def _hif_block64_kernel(
 
 
 # --------------------------------------------------------------------------------------------- launchers
+# Tile per element size (bytes): "row" (elements, warps) along the last axis, "col" (elements along the
+# axis, columns, warps) otherwise; the best of scripts/bench_kernels.py --sweep on an H100 (docs/benchmarks.md).
+TILES = {2: {"row": (1024, 2), "col": (64, 128, 4)}, 4: {"row": (1024, 4), "col": (64, 128, 4)}}
+HIF8_TILES = {2: (4096, 4), 4: (2048, 4)}  # elementwise: (elements, warps)
+
+
 def quant_dequant_hif8(x: torch.Tensor, q: QType, tile: tuple[int, int, int] | None = None) -> torch.Tensor:
     """HiF8 of ``x`` (elementwise; formats.md §6), saturating unless ``q.saturating`` is False."""
     if q.family != "hif8":
@@ -163,8 +169,11 @@ def quant_dequant_hif8(x: torch.Tensor, q: QType, tile: tuple[int, int, int] | N
     if n == 0:
         return y
     interp = is_interpreted(x)
-    block = (1 << 16) if interp else (tile[0] if tile else 4096)
-    warps = tile[2] if tile else 8
+    block, warps = HIF8_TILES[2 if x.element_size() <= 2 else 4]
+    if tile:
+        block, warps = tile[0], tile[2]
+    if interp:
+        block = 1 << 16
     _hif8_kernel[(triton.cdiv(n, block),)](
         x, y, n, BLOCK=block, SATURATE=q.saturating, I64=n >= 2**31 - 2**24, OUT_KIND=out_kind(x.dtype),
         INTERPRET=interp, num_warps=warps, enable_fp_fusion=False,
@@ -179,7 +188,7 @@ def _block64(x: torch.Tensor, q: QType, hif4: bool, mbits: int, name: str, tile)
         return y
     g = geometry(x, q.q_dim)
     interp = is_interpreted(x)
-    plan = plan_tiles(g, 64, 64, x.element_size(), interp, override=tile)
+    plan = plan_tiles(g, 64, 64, x.element_size(), interp, override=tile, tiles=TILES)
     n_row_blocks = -(-g.length // 64)
     _hif_block64_kernel[(plan.grid,)](
         x, y, g.outer * n_row_blocks, n_row_blocks, g.length, g.inner, 1,

@@ -145,6 +145,11 @@ def _mx_pair_kernel(
     tl.store(yb_ptr + offs, cast_out(tl.reshape(yb, [R, C]), OUT_KIND, INTERPRET, True), mask=mask)
 
 
+# Tile per element size (bytes): "row" (elements, warps) along the last axis, "col" (elements along the
+# axis, columns, warps) otherwise; the best of scripts/bench_kernels.py --sweep on an H100 (docs/benchmarks.md).
+TILES = {2: {"row": (1024, 4), "col": (32, 128, 4)}, 4: {"row": (1024, 4), "col": (32, 128, 4)}}
+
+
 def _frac_bits(v: float) -> int:
     return struct.unpack("<I", struct.pack("<f", v))[0] & 0x7FFFFF
 
@@ -200,7 +205,7 @@ def quant_dequant_mx(x: torch.Tensor, q: QType, tile: tuple[int, int, int] | Non
     block = q.blk_size
     bp = next_pow2(block)
     interp = is_interpreted(x)
-    plan = plan_tiles(g, block, bp, x.element_size(), interp, override=tile)
+    plan = plan_tiles(g, block, bp, x.element_size(), interp, override=tile, tiles=TILES)
     n_row_blocks = -(-g.length // block)
     _mx_kernel[(plan.grid,)](
         x, y, g.outer * n_row_blocks, n_row_blocks, g.length, g.inner, 1,

@@ -3,8 +3,8 @@
 
 One program holds whole 64-blocks as a ``[NBLK, 64]`` tile (axis -1) or ``[NBLK, 64, BI]`` (other axes).
 Per element: w = fl32(x * -fl32(1/A)); the code index is 15 - #{-t_i <= w} (NaN w counts every threshold,
-as the reference's bucketize does), found by a 4-step binary search in a 16-entry table; the result is
-fl32(c * A).
+as the reference's bucketize does), found by a 4-level binary search over the thresholds as constants;
+the result is fl32(c * A).
 
 Order as in the Triton tutorials: per-tile math, kernel, launcher. Public: ``quant_dequant_nf4``.
 """
@@ -27,18 +27,27 @@ from ._common import (
 __all__ = ["quant_dequant_nf4"]
 
 
+# The negated thresholds -t_i in ascending order (formats.md §9 table), as float32 constants: count(-t_i <= w)
+# is found by a 4-level binary search over them with selects, so no table is read until the code itself.
+_NT = [-t for t in reversed(NF4_THRESHOLDS)]
+T0, T1, T2, T3, T4, T5, T6, T7, T8, T9, T10, T11, T12, T13, T14 = (tl.constexpr(float(v)) for v in _NT)
+
+
 @triton.jit
-def _nf4_tile(x, thr_ptr, code_ptr):
-    """``thr_ptr``: the 15 negated thresholds ascending, then NaN; ``code_ptr``: the code with each count."""
+def _nf4_tile(x, code_ptr):
+    """``code_ptr``: the 16 codes by count, i.e. c_(15 - count) (a 64-byte table, L1-resident)."""
     ab = bits_of(x) & 0x7FFFFFFF
     amax_b = tl.max(ab, axis=1, keep_dims=True)
     amax = float_of(amax_b)
     inv = tl.div_rn(1.0, tl.where(amax > 0, amax, 1.0))
     w = x * -inv
-    count = tl.zeros(x.shape, tl.int32)
-    for level in tl.static_range(4):  # steps of 8, 4, 2, 1
-        thr = tl.load(thr_ptr + count + ((8 >> level) - 1))
-        count = tl.where(thr <= w, count + (8 >> level), count)
+    c8 = w >= T7
+    c4 = w >= tl.where(c8, T11, T3)
+    c2 = w >= tl.where(c8, tl.where(c4, T13, T9), tl.where(c4, T5, T1))
+    t1 = tl.where(c8, tl.where(c4, tl.where(c2, T14, T12), tl.where(c2, T10, T8)),
+                  tl.where(c4, tl.where(c2, T6, T4), tl.where(c2, T2, T0)))
+    c1 = w >= t1
+    count = c8.to(tl.int32) * 8 + c4.to(tl.int32) * 4 + c2.to(tl.int32) * 2 + c1.to(tl.int32)
     count = tl.where(w != w, 15, count)  # NaN (0 * inf for blocks with A < 2^-128) counts every threshold
     code = tl.load(code_ptr + count)
     a_mul = tl.where(amax_b < 0x7F800000, amax, float("nan"))  # a block with NaN/inf is NaN
@@ -47,7 +56,7 @@ def _nf4_tile(x, thr_ptr, code_ptr):
 
 @triton.jit(do_not_specialize=["cs"])
 def _nf4_kernel(
-    x_ptr, y_ptr, thr_ptr, code_ptr,  # input, output (same dtype, contiguous), the two 16-entry tables
+    x_ptr, y_ptr, code_ptr,  # input, output (same dtype, contiguous), the 16 codes by threshold count
     n_blocks, n_row_blocks, L, I, cs,  # blocks in all (row mode); 64-blocks per slice; axis length; inner size
     NBLK: tl.constexpr, BI: tl.constexpr, COL: tl.constexpr, SCALAR: tl.constexpr, EVEN: tl.constexpr,
     I64: tl.constexpr,
@@ -59,15 +68,17 @@ def _nf4_kernel(
     else:
         offs, mask = row_tile(pid, n_blocks, n_row_blocks, L, 64, 64, NBLK, EVEN, I64)
     x = load_f32(x_ptr + offs, mask, OUT_KIND, INTERPRET)
-    tl.store(y_ptr + offs, cast_out(_nf4_tile(x, thr_ptr, code_ptr), OUT_KIND, INTERPRET), mask=mask)
+    tl.store(y_ptr + offs, cast_out(_nf4_tile(x, code_ptr), OUT_KIND, INTERPRET), mask=mask)
+
+
+# Tile per element size (bytes): "row" (elements, warps) along the last axis, "col" (elements along the
+# axis, columns, warps) otherwise; the best of scripts/bench_kernels.py --sweep on an H100 (docs/benchmarks.md).
+TILES = {2: {"row": (1024, 2), "col": (64, 32, 1)}, 4: {"row": (512, 2), "col": (64, 32, 1)}}
 
 
 @functools.lru_cache(maxsize=None)
-def _tables(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    neg = [-t for t in reversed(NF4_THRESHOLDS)] + [float("nan")]  # ascending, NaN sentinel never <= w
-    codes = list(reversed(NF4_CODES))  # the code when `count` thresholds are <= w
-    return (torch.tensor(neg, dtype=torch.float32, device=device),
-            torch.tensor(codes, dtype=torch.float32, device=device))
+def _codes(device: torch.device) -> torch.Tensor:
+    return torch.tensor(list(reversed(NF4_CODES)), dtype=torch.float32, device=device)  # code by count
 
 
 def quant_dequant_nf4(x: torch.Tensor, q: QType, tile: tuple[int, int, int] | None = None) -> torch.Tensor:
@@ -80,11 +91,11 @@ def quant_dequant_nf4(x: torch.Tensor, q: QType, tile: tuple[int, int, int] | No
         return y
     g = geometry(x, q.q_dim)
     interp = is_interpreted(x)
-    thr, codes = _tables(x.device)
-    plan = plan_tiles(g, 64, 64, x.element_size(), interp, override=tile)
+    codes = _codes(x.device)
+    plan = plan_tiles(g, 64, 64, x.element_size(), interp, override=tile, tiles=TILES)
     n_row_blocks = -(-g.length // 64)
     _nf4_kernel[(plan.grid,)](
-        x, y, thr, codes, g.outer * n_row_blocks, n_row_blocks, g.length, g.inner, 1,
+        x, y, codes, g.outer * n_row_blocks, n_row_blocks, g.length, g.inner, 1,
         NBLK=plan.nblk, BI=plan.bi, COL=plan.col, SCALAR=plan.scalar, EVEN=g.length % 64 == 0, I64=x.numel() >= 2**31 - 2**24,
         OUT_KIND=out_kind(x.dtype), INTERPRET=interp, num_warps=plan.num_warps, enable_fp_fusion=False,
     )

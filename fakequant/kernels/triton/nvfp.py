@@ -132,6 +132,12 @@ def _nvfp_kernel(
 
 
 # --------------------------------------------------------------------------------------------- launchers
+# Tile per element size (bytes): "row" (elements, warps) along the last axis, "col" (elements along the
+# axis, columns, warps) otherwise; the best of scripts/bench_kernels.py --sweep on an H100 (docs/benchmarks.md).
+NVF4_TILES = {2: {"row": (512, 2), "col": (16, 32, 1)}, 4: {"row": (512, 2), "col": (16, 256, 8)}}
+NVFP4_TILES = {2: {"row": (1024, 2), "col": (16, 512, 4)}, 4: {"row": (1024, 4), "col": (16, 512, 4)}}
+
+
 def tensor_amax(x: torch.Tensor) -> torch.Tensor:
     """int32 bits of max |x| over the finite elements of contiguous ``x`` (0 when there are none), as a
     1-element tensor on x's device (no host synchronisation)."""
@@ -159,7 +165,8 @@ def _launch(x: torch.Tensor, q: QType, tensor_scale: bool, name: str, tile, amax
         amax = tensor_amax(x)
     else:
         amax = _amax_bits(amax, x)
-    plan = plan_tiles(g, 16, 16, x.element_size(), interp, override=tile)
+    plan = plan_tiles(g, 16, 16, x.element_size(), interp, override=tile,
+                      tiles=NVFP4_TILES if tensor_scale else NVF4_TILES)
     n_row_blocks = -(-g.length // 16)
     _nvfp_kernel[(plan.grid,)](
         x, y, amax, g.outer * n_row_blocks, n_row_blocks, g.length, g.inner, 1,

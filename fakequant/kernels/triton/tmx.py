@@ -71,6 +71,11 @@ def _tmx_kernel(
         tl.store(y_ptr + offs, cast_out(y, OUT_KIND, INTERPRET), mask=mask)
 
 
+# Tile per element size (bytes): "row" (elements, warps) along the last axis, "col" (elements along the
+# axis, columns, warps) otherwise; the best of scripts/bench_kernels.py --sweep on an H100 (docs/benchmarks.md).
+TILES = {2: {"row": (1024, 2), "col": (16, 512, 4)}, 4: {"row": (512, 2), "col": (16, 512, 4)}}
+
+
 def quant_dequant_tmx(x: torch.Tensor, q: QType, tile: tuple[int, int, int] | None = None) -> torch.Tensor:
     """``tmx<N>`` of ``x`` along ``q.q_dim`` (formats.md §5), M = N - 2."""
     if q.family != "tmx":
@@ -81,7 +86,7 @@ def quant_dequant_tmx(x: torch.Tensor, q: QType, tile: tuple[int, int, int] | No
         return y
     g = geometry(x, q.q_dim)
     interp = is_interpreted(x)
-    plan = plan_tiles(g, 16, 16, x.element_size(), interp, override=tile)
+    plan = plan_tiles(g, 16, 16, x.element_size(), interp, override=tile, tiles=TILES)
     n_row_blocks = -(-g.length // 16)
     _tmx_kernel[(plan.grid,)](
         x, y, g.outer * n_row_blocks, n_row_blocks, g.length, g.inner, 1,
