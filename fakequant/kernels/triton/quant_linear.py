@@ -142,6 +142,15 @@ def _decode_tile(codes_ptr, scales_ptr, offs_n, mask_n, k0, KC, KS, stride_cn, s
 
 
 @triton.jit
+def _fence_gpu(INTERPRET: tl.constexpr):
+    """``membar.gl`` in every thread: its earlier global writes and atomics are performed at GPU scope
+    before its later ones (the interpreter runs programs one after another and needs none)."""
+    if not INTERPRET:
+        tl.inline_asm_elementwise("membar.gl;\nmov.u32 $0, $1;", "=r,r", [tl.full([1], 0, tl.int32)],
+                                  dtype=tl.int32, is_pure=False, pack=1)
+
+
+@triton.jit
 def _finish(acc, y_ptr, bias_ptr, g, offs_m, offs_n, mask_n, mask, stride_ym, HAS_BIAS: tl.constexpr,
             DIV_G: tl.constexpr):
     """Y tile = acc (/ g) (+ bias), cast to the output dtype."""
@@ -230,13 +239,17 @@ def _quant_linear_kernel(
     else:
         # Split-K without extra launches: every slice adds its partial sums into the float32 workspace, then
         # counts itself in; the last slice to arrive reads the total, writes Y, and leaves the workspace tile
-        # and the counter at zero for the next launch. The barrier orders the CTA's atomics before the
-        # counter's release; the counter's acquire orders the last slice's reads after everyone's adds.
+        # and the counter at zero for the next launch. Every thread fences its adds at GPU scope before the
+        # barrier that precedes the one counter increment of its program (a barrier alone does not wait for
+        # other threads' atomics to land: without the fence the last slice read stale sums, seen on an H100),
+        # and fences again after the counter's acquire before reading the sums.
         ws_ptrs = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
         tl.atomic_add(ws_ptrs, acc, mask=mask, sem="relaxed")
+        _fence_gpu(INTERPRET)
         tl.debug_barrier()
         arrived = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel")
         if arrived == SPLIT_K - 1:
+            _fence_gpu(INTERPRET)
             total = tl.load(ws_ptrs, mask=mask, other=0.0, cache_modifier=".cg")
             tl.store(ws_ptrs, tl.zeros_like(total), mask=mask)
             tl.atomic_xchg(cnt_ptr + pid, 0, sem="relaxed")
@@ -304,6 +317,10 @@ CONFIGS_SMALL_M = [
     T(16, 64, 256, 8, 4, 4, decode_asm=True),
     T(16, 128, 256, 4, 4, 3, decode_asm=True),
     T(16, 64, 256, 2, 4, 4, decode_asm=True, swap_ab=True),
+    T(16, 64, 512, 4, 4, 3, decode_asm=True),
+    T(16, 64, 512, 2, 8, 3, decode_asm=True),
+    T(16, 128, 512, 2, 8, 3, decode_asm=True),
+    T(16, 128, 256, 2, 8, 4, decode_asm=True),
 ]
 _DEQUANT_GEMM = T(64, 64, 256, 1, 4, 1, decode_asm=True, dequant_gemm=True)
 CONFIGS_MEDIUM_M = [
