@@ -238,11 +238,12 @@ def _quant_linear_kernel(
         _finish(acc, y_ptr, bias_ptr, g, offs_m, offs_n, mask_n, mask, stride_ym, HAS_BIAS, DIV_G)
     else:
         # Split-K without extra launches: every slice adds its partial sums into the float32 workspace, then
-        # counts itself in; the last slice to arrive reads the total, writes Y, and leaves the workspace tile
+        # counts itself in; the last slice to arrive takes the totals, writes Y, and leaves the workspace tile
         # and the counter at zero for the next launch. Every thread fences its adds at GPU scope before the
-        # barrier that precedes the one counter increment of its program (a barrier alone does not wait for
-        # other threads' atomics to land: without the fence the last slice read stale sums, seen on an H100),
-        # and fences again after the counter's acquire before reading the sums.
+        # barrier that precedes the one counter increment of its program, and fences again after the
+        # counter's acquire. The totals are taken with one atomic exchange per element (read and zero): a
+        # load then a zeroing store would be done by different threads (the two ops get different register
+        # layouts) and raced on an H100, losing a slice's sums in about one launch in ten.
         ws_ptrs = ws_ptr + offs_m[:, None] * N + offs_n[None, :]
         tl.atomic_add(ws_ptrs, acc, mask=mask, sem="relaxed")
         _fence_gpu(INTERPRET)
@@ -250,8 +251,11 @@ def _quant_linear_kernel(
         arrived = tl.atomic_add(cnt_ptr + pid, 1, sem="acq_rel")
         if arrived == SPLIT_K - 1:
             _fence_gpu(INTERPRET)
-            total = tl.load(ws_ptrs, mask=mask, other=0.0, cache_modifier=".cg")
-            tl.store(ws_ptrs, tl.zeros_like(total), mask=mask)
+            if INTERPRET:  # programs run one at a time there (and it has no float atomic exchange)
+                total = tl.load(ws_ptrs, mask=mask, other=0.0)
+                tl.store(ws_ptrs, tl.zeros_like(total), mask=mask)
+            else:
+                total = tl.atomic_xchg(ws_ptrs, tl.zeros_like(acc), mask=mask, sem="relaxed")
             tl.atomic_xchg(cnt_ptr + pid, 0, sem="relaxed")
             _finish(total, y_ptr, bias_ptr, g, offs_m, offs_n, mask_n, mask, stride_ym, HAS_BIAS, DIV_G)
 
