@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .config import FakeQuantConfig
-from .dispatch import quant_dequant
+from .dispatch import quant_dequant, quant_dequant_pair
 from .observe import ObserverSite
 from .qtype import QType
 
@@ -143,11 +143,14 @@ def attention_plan(config: FakeQuantConfig) -> AttentionPlan:
 
 
 # ------------------------------------------------------------------------------------------- helpers
+def _quantizes(x: Tensor, q: str | None) -> bool:
+    """False for ``None`` and for a cast that is exact for ``x``'s dtype: then ``x`` is used as it is."""
+    return q is not None and x.dtype not in _EXACT_CASTS.get(q.split(":", 1)[0], ())
+
+
 def _q(x: Tensor, q: str | None) -> Tensor:
     """Fake-quantize ``x`` with format ``q`` (axis included); ``None`` and exact casts return ``x`` itself."""
-    if q is None or x.dtype in _EXACT_CASTS.get(q.split(":", 1)[0], ()):
-        return x
-    return torch.ops.fakequant.gemm_operand_qdq(x, q)
+    return torch.ops.fakequant.gemm_operand_qdq(x, q) if _quantizes(x, q) else x
 
 
 def _qo(x: Tensor, q: str | None, site: ObserverSite | None, gemm: str, operand: int) -> Tensor:
@@ -156,6 +159,21 @@ def _qo(x: Tensor, q: str | None, site: ObserverSite | None, gemm: str, operand:
     if site is not None and q is not None:
         site.notify(gemm, site.roles[operand], q, x, y)
     return y
+
+
+def _qo_grad(g: Tensor, plan: GemmPlan, site: ObserverSite | None, dgrad: bool, wgrad: bool
+             ) -> tuple[Tensor | None, Tensor | None]:
+    """``grad_output`` for dgrad (along N) and wgrad (along M), each only if needed. When both are quantized
+    they come from one fused pass over ``g`` where the backend has one (``dispatch.quant_dequant_pair``),
+    bit for bit the two separate quantizations."""
+    q_d, q_w = (plan.g_dgrad if dgrad else None), (plan.g_wgrad if wgrad else None)
+    if not (_quantizes(g, q_d) and _quantizes(g, q_w)):
+        return (_qo(g, q_d, site, "dgrad", 2) if dgrad else None), (_qo(g, q_w, site, "wgrad", 2) if wgrad else None)
+    g_d, g_w = torch.ops.fakequant.gemm_operand_qdq_pair(g, q_d, q_w)
+    if site is not None:
+        site.notify("dgrad", site.roles[2], q_d, g, g_d)
+        site.notify("wgrad", site.roles[2], q_w, g, g_w)
+    return g_d, g_w
 
 
 # depth > 0 while a quantizer runs, so that patch_functional leaves any torch op it calls alone.
@@ -183,6 +201,22 @@ def _gemm_operand_qdq(x: Tensor, qtype: str) -> Tensor:
 @_gemm_operand_qdq.register_fake
 def _(x: Tensor, qtype: str) -> Tensor:
     return torch.empty(x.shape, dtype=x.dtype, device=x.device)
+
+
+@torch.library.custom_op("fakequant::gemm_operand_qdq_pair", mutates_args=())
+def _gemm_operand_qdq_pair(x: Tensor, qtype_a: str, qtype_b: str) -> tuple[Tensor, Tensor]:
+    _QUANTIZING.depth = getattr(_QUANTIZING, "depth", 0) + 1
+    try:
+        a, b = quant_dequant_pair(x, _parse(qtype_a), _parse(qtype_b))
+        return a.contiguous(), b.contiguous()
+    finally:
+        _QUANTIZING.depth -= 1
+
+
+@_gemm_operand_qdq_pair.register_fake
+def _(x: Tensor, qtype_a: str, qtype_b: str) -> tuple[Tensor, Tensor]:
+    return (torch.empty(x.shape, dtype=x.dtype, device=x.device),
+            torch.empty(x.shape, dtype=x.dtype, device=x.device))
 
 
 def _autocast_cast(*tensors: Tensor | None) -> tuple[tuple[Tensor | None, ...], str | None]:
@@ -253,12 +287,12 @@ class _QuantLinear(torch.autograd.Function):
         plan, site = ctx.plan, ctx.site
         dy2 = dy.reshape(-1, dy.shape[-1])  # [M, N]
         dx = dw = db = None
+        dy_d, dy_w = _qo_grad(dy2, plan, site, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         if ctx.needs_input_grad[0]:
-            dx = _qo(dy2, plan.g_dgrad, site, "dgrad", 2).mm(
-                _qo(weight, plan.b_dgrad, site, "dgrad", 1)).view(x.shape)  # [M, K] -> x's shape
+            dx = dy_d.mm(_qo(weight, plan.b_dgrad, site, "dgrad", 1)).view(x.shape)  # [M, K] -> x's shape
         if ctx.needs_input_grad[1]:
             x2 = x.reshape(-1, x.shape[-1])  # [M, K]
-            dw = _qo(dy2, plan.g_wgrad, site, "wgrad", 2).t().mm(_qo(x2, plan.a_wgrad, site, "wgrad", 0))  # [N, K]
+            dw = dy_w.t().mm(_qo(x2, plan.a_wgrad, site, "wgrad", 0))  # [N, K]
         if ctx.bias_shape is not None and ctx.needs_input_grad[2]:
             db = dy2.sum_to_size(ctx.bias_shape)
         return dx, dw, db, None, None  # None: plan, site
@@ -306,18 +340,18 @@ class _QuantMatmul(torch.autograd.Function):
         da = db = None
         if b.dim() == 2:
             g2 = g.reshape(-1, g.shape[-1])  # [M, N]
+            g_d, g_w = _qo_grad(g2, plan, site, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
             if ctx.needs_input_grad[0]:
-                da = _qo(g2, plan.g_dgrad, site, "dgrad", 2).mm(_qo(b, plan.b_dgrad, site, "dgrad", 1).t()).view(a.shape)
+                da = g_d.mm(_qo(b, plan.b_dgrad, site, "dgrad", 1).t()).view(a.shape)
             if ctx.needs_input_grad[1]:
                 a2 = a.reshape(-1, a.shape[-1])  # [M, K]
-                db = _qo(a2, plan.a_wgrad, site, "wgrad", 0).t().mm(_qo(g2, plan.g_wgrad, site, "wgrad", 2))
+                db = _qo(a2, plan.a_wgrad, site, "wgrad", 0).t().mm(g_w)
         else:
+            g_d, g_w = _qo_grad(g, plan, site, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
             if ctx.needs_input_grad[0]:
-                da = _matmul(_qo(g, plan.g_dgrad, site, "dgrad", 2),
-                             _qo(b, plan.b_dgrad, site, "dgrad", 1).mT).sum_to_size(a.shape)
+                da = _matmul(g_d, _qo(b, plan.b_dgrad, site, "dgrad", 1).mT).sum_to_size(a.shape)
             if ctx.needs_input_grad[1]:
-                db = _matmul(_qo(a, plan.a_wgrad, site, "wgrad", 0).mT,
-                             _qo(g, plan.g_wgrad, site, "wgrad", 2)).sum_to_size(b.shape)
+                db = _matmul(_qo(a, plan.a_wgrad, site, "wgrad", 0).mT, g_w).sum_to_size(b.shape)
         return da, db, None, None  # None: plan, site
 
 
@@ -360,10 +394,11 @@ class _QuantBmm(torch.autograd.Function):
         a, b = ctx.saved_tensors
         plan, site = ctx.plan, ctx.site
         da = db = None
+        g_d, g_w = _qo_grad(g, plan, site, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
         if ctx.needs_input_grad[0]:
-            da = _qo(g, plan.g_dgrad, site, "dgrad", 2).bmm(_qo(b, plan.b_dgrad, site, "dgrad", 1).transpose(1, 2))
+            da = g_d.bmm(_qo(b, plan.b_dgrad, site, "dgrad", 1).transpose(1, 2))
         if ctx.needs_input_grad[1]:
-            db = _qo(a, plan.a_wgrad, site, "wgrad", 0).transpose(1, 2).bmm(_qo(g, plan.g_wgrad, site, "wgrad", 2))
+            db = _qo(a, plan.a_wgrad, site, "wgrad", 0).transpose(1, 2).bmm(g_w)
         return da, db, None, None  # None: plan, site
 
 
@@ -390,12 +425,11 @@ class _QuantBaddbmm(torch.autograd.Function):
         dinp = da = db = None
         if ctx.needs_input_grad[0]:
             dinp = _scaled(g, beta).sum_to_size(ctx.inp_shape)
+        g_d, g_w = _qo_grad(g, plan, site, ctx.needs_input_grad[1], ctx.needs_input_grad[2])
         if ctx.needs_input_grad[1]:
-            da = _scaled(_qo(g, plan.g_dgrad, site, "dgrad", 2).bmm(
-                _qo(b, plan.b_dgrad, site, "dgrad", 1).transpose(1, 2)), alpha)
+            da = _scaled(g_d.bmm(_qo(b, plan.b_dgrad, site, "dgrad", 1).transpose(1, 2)), alpha)
         if ctx.needs_input_grad[2]:
-            db = _scaled(_qo(a, plan.a_wgrad, site, "wgrad", 0).transpose(1, 2).bmm(
-                _qo(g, plan.g_wgrad, site, "wgrad", 2)), alpha)
+            db = _scaled(_qo(a, plan.a_wgrad, site, "wgrad", 0).transpose(1, 2).bmm(g_w), alpha)
         return dinp, da, db, None, None, None, None  # None: beta, alpha, plan, site
 
 
