@@ -188,8 +188,10 @@ def _quant_linear_kernel(
     # K slice of a split-K program.
     pid = tl.program_id(0)
     pid_k = tl.program_id(1)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
+    # Only builtins here, no jit'd library helpers (tl.cdiv, tl.zeros): those fail under the interpreter when
+    # triton.language was imported before TRITON_INTERPRET was set (torch._dynamo imports it).
+    num_m = (M + BLOCK_M - 1) // BLOCK_M
+    num_n = (N + BLOCK_N - 1) // BLOCK_N
     group = GROUP_M * num_n
     first_m = (pid // group) * GROUP_M
     group_m = min(num_m - first_m, GROUP_M)
@@ -200,7 +202,7 @@ def _quant_linear_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    k_per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+    k_per_split = (((K + BLOCK_K - 1) // BLOCK_K + SPLIT_K - 1) // SPLIT_K) * BLOCK_K
     k_start = pid_k * k_per_split
     k_end = min(k_start + k_per_split, K)
     g = 1.0
@@ -208,9 +210,9 @@ def _quant_linear_kernel(
         g = tl.load(gscale_ptr)
 
     if SWAP_AB:
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        acc = tl.full((BLOCK_N, BLOCK_M), 0.0, tl.float32)
     else:
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        acc = tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32)
     for k0 in range(k_start, k_end, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
@@ -253,9 +255,10 @@ def _quant_linear_kernel(
             _fence_gpu(INTERPRET)
             if INTERPRET:  # programs run one at a time there (and it has no float atomic exchange)
                 total = tl.load(ws_ptrs, mask=mask, other=0.0)
-                tl.store(ws_ptrs, tl.zeros_like(total), mask=mask)
+                tl.store(ws_ptrs, tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32), mask=mask)
             else:
-                total = tl.atomic_xchg(ws_ptrs, tl.zeros_like(acc), mask=mask, sem="relaxed")
+                total = tl.atomic_xchg(ws_ptrs, tl.full((BLOCK_M, BLOCK_N), 0.0, tl.float32), mask=mask,
+                                       sem="relaxed")
             tl.atomic_xchg(cnt_ptr + pid, 0, sem="relaxed")
             _finish(total, y_ptr, bias_ptr, g, offs_m, offs_n, mask_n, mask, stride_ym, HAS_BIAS, DIV_G)
 
