@@ -150,7 +150,12 @@ def _quantizes(x: Tensor, q: str | None) -> bool:
 
 def _q(x: Tensor, q: str | None) -> Tensor:
     """Fake-quantize ``x`` with format ``q`` (axis included); ``None`` and exact casts return ``x`` itself."""
-    return torch.ops.fakequant.gemm_operand_qdq(x, q) if _quantizes(x, q) else x
+    if not _quantizes(x, q):
+        return x
+    # The custom op only while torch.compile traces; eager calls skip its dispatch (tens of µs per call).
+    if torch.compiler.is_compiling():
+        return torch.ops.fakequant.gemm_operand_qdq(x, q)
+    return _quantize_operand(x, q)
 
 
 def _qo(x: Tensor, q: str | None, site: ObserverSite | None, gemm: str, operand: int) -> Tensor:
@@ -169,7 +174,10 @@ def _qo_grad(g: Tensor, plan: GemmPlan, site: ObserverSite | None, dgrad: bool, 
     q_d, q_w = (plan.g_dgrad if dgrad else None), (plan.g_wgrad if wgrad else None)
     if not (_quantizes(g, q_d) and _quantizes(g, q_w)):
         return (_qo(g, q_d, site, "dgrad", 2) if dgrad else None), (_qo(g, q_w, site, "wgrad", 2) if wgrad else None)
-    g_d, g_w = torch.ops.fakequant.gemm_operand_qdq_pair(g, q_d, q_w)
+    if torch.compiler.is_compiling():
+        g_d, g_w = torch.ops.fakequant.gemm_operand_qdq_pair(g, q_d, q_w)
+    else:
+        g_d, g_w = _quantize_operand_pair(g, q_d, q_w)
     if site is not None:
         site.notify("dgrad", site.roles[2], q_d, g, g_d)
         site.notify("wgrad", site.roles[2], q_w, g, g_w)
@@ -187,15 +195,27 @@ def _parse(desc: str) -> QType:
 
 # ``quant_dequant`` as one opaque op, so that torch.compile traces the autograd functions without a graph
 # break and runs the quantizer (whichever backend dispatch picks) exactly as in eager mode.
-@torch.library.custom_op("fakequant::gemm_operand_qdq", mutates_args=())
-def _gemm_operand_qdq(x: Tensor, qtype: str) -> Tensor:
-    # Contiguous: GEMM and SDPA kernels choose their path by stride, and a strided view into a padded
-    # buffer would keep the padding alive.
+def _quantize_operand(x: Tensor, qtype: str) -> Tensor:
+    # Contiguous: GEMM and SDPA kernels choose their path by stride.
     _QUANTIZING.depth = getattr(_QUANTIZING, "depth", 0) + 1
     try:
         return quant_dequant(x, _parse(qtype)).contiguous()
     finally:
         _QUANTIZING.depth -= 1
+
+
+def _quantize_operand_pair(x: Tensor, qtype_a: str, qtype_b: str) -> tuple[Tensor, Tensor]:
+    _QUANTIZING.depth = getattr(_QUANTIZING, "depth", 0) + 1
+    try:
+        a, b = quant_dequant_pair(x, _parse(qtype_a), _parse(qtype_b))
+        return a.contiguous(), b.contiguous()
+    finally:
+        _QUANTIZING.depth -= 1
+
+
+@torch.library.custom_op("fakequant::gemm_operand_qdq", mutates_args=())
+def _gemm_operand_qdq(x: Tensor, qtype: str) -> Tensor:
+    return _quantize_operand(x, qtype)
 
 
 @_gemm_operand_qdq.register_fake
@@ -205,12 +225,7 @@ def _(x: Tensor, qtype: str) -> Tensor:
 
 @torch.library.custom_op("fakequant::gemm_operand_qdq_pair", mutates_args=())
 def _gemm_operand_qdq_pair(x: Tensor, qtype_a: str, qtype_b: str) -> tuple[Tensor, Tensor]:
-    _QUANTIZING.depth = getattr(_QUANTIZING, "depth", 0) + 1
-    try:
-        a, b = quant_dequant_pair(x, _parse(qtype_a), _parse(qtype_b))
-        return a.contiguous(), b.contiguous()
-    finally:
-        _QUANTIZING.depth -= 1
+    return _quantize_operand_pair(x, qtype_a, qtype_b)
 
 
 @_gemm_operand_qdq_pair.register_fake
