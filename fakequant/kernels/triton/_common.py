@@ -35,6 +35,27 @@ def float_of(b):
     return b.to(tl.float32, bitcast=True)
 
 
+# Reductions and integer division are written here rather than called from triton.language's standard
+# library (tl.max, tl.cdiv): those are @jit functions created when triton is first imported, and if that
+# happened before TRITON_INTERPRET=1 was set (torch imports triton early) the interpreter cannot call them.
+# The reductions still name the standard max combiner, which the interpreter runs as one numpy call.
+@triton.jit
+def max_keep(x, AXIS: tl.constexpr):
+    """Maximum of ``x`` along ``AXIS``, kept as a size-1 axis (used on int bit patterns)."""
+    return tl.reduce(x, AXIS, tl.standard._elementwise_max, keep_dims=True)
+
+
+@triton.jit
+def max_all(x):
+    """Maximum of every element of ``x`` (a scalar)."""
+    return tl.reduce(x, None, tl.standard._elementwise_max)
+
+
+@triton.jit
+def cdiv(a, b):
+    return (a + b - 1) // b
+
+
 @triton.jit
 def exponent_and_fraction(ab):
     """``(E, f)`` of the positive finite float32 with bits ``ab``: E = floor(log2 a) exactly and f its 23
@@ -155,8 +176,8 @@ def col_tile(pid, n_row_blocks, L, I, cs, B: tl.constexpr, BP: tl.constexpr, NBL
     block maxima reduce inside the thread and per-block work is done once per block) at the price of one
     2- or 4-byte access per element; a warp still reads 32 consecutive columns per row.
     """
-    n_i = tl.cdiv(I, BI)
-    n_l = tl.cdiv(n_row_blocks, NBLK)
+    n_i = cdiv(I, BI)
+    n_l = cdiv(n_row_blocks, NBLK)
     pi = pid % n_i
     rest = pid // n_i
     pl = rest % n_l
@@ -203,8 +224,8 @@ def col_tile3(pid, n_row_blocks, L, I, cs, S1: tl.constexpr, S2: tl.constexpr, S
               NBLK: tl.constexpr, BI: tl.constexpr, SCALAR: tl.constexpr, I64: tl.constexpr):
     """``col_tile`` with the nested block layout of ``row_tile3``: a ``[NBLK, S1, S2, S3, BI]`` tile."""
     B: tl.constexpr = S1 * S2 * S3
-    n_i = tl.cdiv(I, BI)
-    n_l = tl.cdiv(n_row_blocks, NBLK)
+    n_i = cdiv(I, BI)
+    n_l = cdiv(n_row_blocks, NBLK)
     pi = pid % n_i
     rest = pid // n_i
     pl = rest % n_l

@@ -18,8 +18,8 @@ import triton.language as tl
 
 from ...qtype import QType
 from ._common import (
-    bits_of, bf16_rne, cast_out, check_input, col_tile3, copysign_plus, float_of, geometry, is_interpreted,
-    load_f32, out_kind, plan_tiles, rhaz_small, row_tile,
+    bf16_rne, bits_of, cast_out, check_input, col_tile3, copysign_plus, float_of, geometry, is_interpreted,
+    load_f32, max_keep, out_kind, plan_tiles, rhaz_small, row_tile,
 )
 
 __all__ = ["quant_dequant_hif8", "quant_dequant_hif4", "quant_dequant_hifx"]
@@ -61,9 +61,9 @@ def _hifx_tile(x, MBITS: tl.constexpr):
     so Q = base + d8 + d4, elements min(RHAZ(|x| * 2^(M-1-Q)), 2^M - 1) * 2^(Q+1-M).
     """
     ab = bits_of(x) & 0x7FFFFFFF
-    v4 = tl.max(ab, axis=3, keep_dims=True)  # [.., 8, 2, 1]
-    v8 = tl.max(v4, axis=2, keep_dims=True)  # [.., 8, 1, 1]
-    v64 = tl.max(v8, axis=1, keep_dims=True)  # [.., 1, 1, 1]
+    v4 = max_keep(ab, 3)  # [.., 8, 2, 1]
+    v8 = max_keep(v4, 2)  # [.., 8, 1, 1]
+    v64 = max_keep(v8, 1)  # [.., 1, 1, 1]
     # E(v64) from the exponent field: a subnormal or zero block gives <= -127 and clamps to -46 anyway
     base = tl.minimum(tl.maximum((v64 >> 23) - 129, -46), 16)
     gexp = base + (v8 >= ((base + 129) << 23)).to(tl.int32)  # v8 >= 2^(base+2)
@@ -85,9 +85,9 @@ def _hif4_tile(x):
     result ±k * 2^(D-2) * SF.
     """
     ab = bits_of(x) & 0x7FFFFFFF
-    v16 = tl.max(ab, axis=3, keep_dims=True)
-    v8 = tl.max(v16, axis=2, keep_dims=True)
-    vmax_b = tl.max(v8, axis=1, keep_dims=True)
+    v16 = max_keep(ab, 3)
+    v8 = max_keep(v16, 2)
+    vmax_b = max_keep(v8, 1)
     finite = vmax_b < 0x7F800000
     vmax = float_of(tl.where(finite, vmax_b, 0))
     sf = bf16_rne(vmax * 0.142578125)

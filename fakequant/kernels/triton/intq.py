@@ -19,8 +19,8 @@ import triton.language as tl
 
 from ...qtype import QType
 from ._common import (
-    FLT_MAX, bits_of, cast_out, check_input, copysign_plus, float_of, geometry, is_interpreted, load_f32, next_pow2, out_kind,
-    round_to_int,
+    FLT_MAX, bits_of, cast_out, cdiv, check_input, copysign_plus, float_of, geometry, is_interpreted, load_f32,
+    max_keep, next_pow2, out_kind, round_to_int,
 )
 
 __all__ = ["quant_dequant_int8sym"]
@@ -50,7 +50,7 @@ def _int8sym_kernel(
     pid = tl.program_id(0)
     if COL:
         # tile [CH, BI]: CH positions along L of BI columns of one outer index
-        n_i = tl.cdiv(I, BI)
+        n_i = cdiv(I, BI)
         po = pid // n_i
         if I64:
             po = po.to(tl.int64)
@@ -64,14 +64,14 @@ def _int8sym_kernel(
         if SINGLE:
             mask = cmask & (lpos < L)
             x = load_f32(x_ptr + base + lpos * I, mask, OUT_KIND, INTERPRET)
-            amax = tl.max(bits_of(x) & 0x7FFFFFFF, axis=0, keep_dims=True)
+            amax = max_keep(bits_of(x) & 0x7FFFFFFF, 0)
             tl.store(y_ptr + base + lpos * I, cast_out(_int8_values(x, amax), OUT_KIND, INTERPRET), mask=mask)
         else:
-            amax = tl.zeros([1, BI], tl.int32)
+            amax = tl.full([1, BI], 0, tl.int32)
             for start in range(0, L, CH):
                 mask = cmask & (start + lpos < L)
                 x = load_f32(x_ptr + base + (start + lpos) * I, mask, OUT_KIND, INTERPRET)
-                amax = tl.maximum(amax, tl.max(bits_of(x) & 0x7FFFFFFF, axis=0, keep_dims=True))
+                amax = tl.maximum(amax, max_keep(bits_of(x) & 0x7FFFFFFF, 0))
             last = ((L - 1) // CH) * CH
             for k in range(0, L, CH):
                 start = last - k
@@ -90,14 +90,14 @@ def _int8sym_kernel(
         if SINGLE:
             mask = rmask & (lpos < L)
             x = load_f32(x_ptr + base + lpos, mask, OUT_KIND, INTERPRET)
-            amax = tl.max(bits_of(x) & 0x7FFFFFFF, axis=1, keep_dims=True)
+            amax = max_keep(bits_of(x) & 0x7FFFFFFF, 1)
             tl.store(y_ptr + base + lpos, cast_out(_int8_values(x, amax), OUT_KIND, INTERPRET), mask=mask)
         else:
-            amax = tl.zeros([NR, 1], tl.int32)
+            amax = tl.full([NR, 1], 0, tl.int32)
             for start in range(0, L, CH):
                 mask = rmask & (start + lpos < L)
                 x = load_f32(x_ptr + base + start + lpos, mask, OUT_KIND, INTERPRET)
-                amax = tl.maximum(amax, tl.max(bits_of(x) & 0x7FFFFFFF, axis=1, keep_dims=True))
+                amax = tl.maximum(amax, max_keep(bits_of(x) & 0x7FFFFFFF, 1))
             last = ((L - 1) // CH) * CH
             for k in range(0, L, CH):
                 start = last - k

@@ -20,8 +20,9 @@ import triton.language as tl
 
 from ...qtype import QType
 from ._common import (
-    FLT_MAX, bits_of, cast_out, check_input, col_tile, copysign_plus, exponent_and_fraction, float_of, geometry,
-    is_interpreted, load_f32, next_pow2, out_kind, saturation, plan_tiles, pow2, round_to_int, row_tile,
+    FLT_MAX, bits_of, cast_out, cdiv, check_input, col_tile, copysign_plus, exponent_and_fraction, float_of,
+    geometry, is_interpreted, load_f32, max_keep, next_pow2, out_kind, plan_tiles, pow2, round_to_int, row_tile,
+    saturation,
 )
 
 __all__ = ["quant_dequant_mx", "mx_constants", "quant_dequant_mx_pair", "fusable_pair"]
@@ -45,7 +46,7 @@ def _mx_tile(x, EMAX: tl.constexpr, EMIN: tl.constexpr, MBITS: tl.constexpr, IS_
     dtype's largest finite value; magnitudes are clamped to it (formats.md §0, Output), NaN propagating.
     """
     ab = bits_of(x) & 0x7FFFFFFF
-    amax = tl.max(ab, axis=1, keep_dims=True)  # int max of |x| bits: NaN > inf > finite, ordered
+    amax = max_keep(ab, 1)  # int max of |x| bits: NaN > inf > finite, ordered
     if SUB_AMAX:
         e, frac = exponent_and_fraction(tl.maximum(amax, 1))
     else:  # a subnormal amax gives s <= -127 - EMAX + 1 <= -KMAX: clamped to the floor either way
@@ -124,8 +125,8 @@ def _mx_pair_kernel(
     """One read of an [R, C] tile, two quantizations: blocks of BA along the rows (the tile viewed as
     [R * C / BA, BA]) and blocks of BB down the columns (viewed as [R / BB, BB, C]); two writes."""
     pid = tl.program_id(0)
-    n_c = tl.cdiv(N, C)
-    n_r = tl.cdiv(M, R)
+    n_c = cdiv(N, C)
+    n_r = cdiv(M, R)
     pc = pid % n_c
     rest = pid // n_c
     pr = rest % n_r

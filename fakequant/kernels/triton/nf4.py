@@ -20,7 +20,7 @@ import triton.language as tl
 from ...formats.nf4 import NF4_CODES, NF4_THRESHOLDS
 from ...qtype import QType
 from ._common import (
-    bits_of, cast_out, check_input, col_tile, float_of, geometry, is_interpreted, load_f32, out_kind,
+    bits_of, cast_out, check_input, col_tile, float_of, geometry, is_interpreted, load_f32, max_keep, out_kind,
     plan_tiles, row_tile,
 )
 
@@ -37,7 +37,7 @@ T0, T1, T2, T3, T4, T5, T6, T7, T8, T9, T10, T11, T12, T13, T14 = (tl.constexpr(
 def _nf4_tile(x, code_ptr):
     """``code_ptr``: the 16 codes by count, i.e. c_(15 - count) (a 64-byte table, L1-resident)."""
     ab = bits_of(x) & 0x7FFFFFFF
-    amax_b = tl.max(ab, axis=1, keep_dims=True)
+    amax_b = max_keep(ab, 1)
     amax = float_of(amax_b)
     inv = tl.div_rn(1.0, tl.where(amax > 0, amax, 1.0))
     w = x * -inv

@@ -23,8 +23,8 @@ import triton.language as tl
 
 from ...qtype import QType
 from ._common import (
-    FLT_MAX, bits_of, cast_out, check_input, col_tile, copysign_plus, float_of, geometry, is_interpreted, load_f32,
-    out_kind, plan_tiles, round_to_int, row_tile,
+    FLT_MAX, bits_of, cast_out, check_input, col_tile, copysign_plus, float_of, geometry, is_interpreted,
+    load_f32, max_all, max_keep, out_kind, plan_tiles, round_to_int, row_tile,
 )
 
 __all__ = ["quant_dequant_nvf4", "quant_dequant_nvfp4", "tensor_amax"]
@@ -57,7 +57,7 @@ def _nvf4_tile(x):
     """nvf4 (formats.md §8): S = E4M3(fl32(amax / 6)); q = E2M1(fl32(|x| / S)); result ±q * S (exact);
     S = 0 gives zeros, a block with NaN/inf is NaN."""
     ab = bits_of(x) & 0x7FFFFFFF
-    amax_b = tl.max(ab, axis=1, keep_dims=True)
+    amax_b = max_keep(ab, 1)
     finite = amax_b < 0x7F800000
     s = _e4m3(tl.div_rn(float_of(tl.where(finite, amax_b, 0)), 6.0))
     s_div = tl.where(s > 0, s, 1.0)
@@ -72,7 +72,7 @@ def _nvfp4_tile(x, a_bits):
     S = E4M3(min(fl32(amax * fl32(g * fl32(1/6))), FLT_MAX)); enc = min(fl32(1 / fl32(S * fl32(1/g))), FLT_MAX);
     q = E2M1(min(fl32(|x| * enc), 6)); result ±fl32(q * S / g). ``a_bits``: the bits of A."""
     ab = bits_of(x) & 0x7FFFFFFF
-    amax_b = tl.max(ab, axis=1, keep_dims=True)
+    amax_b = max_keep(ab, 1)
     finite = amax_b < 0x7F800000
     g = tl.minimum(tl.div_rn(2688.0, float_of(a_bits)), FLT_MAX)  # A = 0: 2688 / 0 = inf -> FLT_MAX
     inv_g = tl.div_rn(1.0, g)
@@ -85,7 +85,7 @@ def _nvfp4_tile(x, a_bits):
     m15 = ((bits_of(q) >> 22) & 1) != 0
     mag = tl.where(m15, u15, u1) * float_of(bits_of(q) & 0x7F800000)
     risky = (s > 0) & ((u1 < 2.350988701644575e-38) | (u15 >= 4.253529586511731e37))  # 2^-125, 2^125
-    if tl.max(risky.to(tl.int32)) > 0:
+    if max_all(risky.to(tl.int32)) > 0:
         mag = tl.div_rn(q * s, g)
     mag = tl.where(finite, mag, float("nan"))
     return copysign_plus(mag, x)  # a float negation compiles to 0 - mag, which loses -0
@@ -102,7 +102,7 @@ def _finite_amax_kernel(x_ptr, out_ptr, n, BLOCK: tl.constexpr, I64: tl.constexp
     offs = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offs < n
     ab = bits_of(load_f32(x_ptr + offs, mask, IN_KIND, INTERPRET)) & 0x7FFFFFFF
-    m = tl.max(tl.where(ab < 0x7F800000, ab, 0), axis=0)
+    m = max_all(tl.where(ab < 0x7F800000, ab, 0))
     tl.atomic_max(out_ptr, m)
 
 

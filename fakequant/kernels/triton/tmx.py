@@ -17,7 +17,7 @@ import triton
 from ...qtype import QType
 from ._common import (
     bits_of, cast_out, check_input, col_tile3, copysign_plus, exponent_and_fraction, float_of, geometry,
-    is_interpreted, load_f32, out_kind, plan_tiles, pow2, rhaz_small, row_tile,
+    is_interpreted, load_f32, max_keep, out_kind, plan_tiles, pow2, rhaz_small, row_tile,
 )
 
 __all__ = ["quant_dequant_tmx"]
@@ -30,8 +30,8 @@ def _tmx_tile(x, MBITS: tl.constexpr):
     per-pair part and a per-block remainder exactly as the reference does, so tiny blocks (Q down to -149)
     take the same two roundings."""
     ab = bits_of(x) & 0x7FFFFFFF
-    v2 = tl.max(ab, axis=3, keep_dims=True)  # pair maxima [.., 4, 2, 1]
-    vb = tl.max(tl.max(v2, axis=2, keep_dims=True), axis=1, keep_dims=True)  # block maximum [.., 1, 1, 1]
+    v2 = max_keep(ab, 3)  # pair maxima [.., 4, 2, 1]
+    vb = max_keep(max_keep(v2, 2), 1)  # block maximum [.., 1, 1, 1]
     finite = vb < 0x7F800000
     live = (vb > 0) & finite
     e, _ = exponent_and_fraction(tl.maximum(tl.minimum(vb, 0x7F7FFFFF), 1))
