@@ -68,11 +68,12 @@ WINDOW_FRAC = 0.2
 _SKIP_DIRS = {"site-packages", "dist-packages", "test", "tests", "idlelib", "__pycache__"}
 
 # The demo's settings, chosen so that six recipes finish in about 10 minutes on a 2-core CPU (Lightning's
-# progress bar shows the rate): 4 layers of width 128 (0.83M parameters: the fake-quantized GEMMs dominate the
+# progress bar shows the rate): 4 layers of width 128 (0.84M parameters; the fake-quantized GEMMs dominate the
 # time, each operand re-quantized per GEMM by the plain-torch reference), 128-byte context, 16 sequences per
-# step, 300 steps (~0.6M tokens: the loss falls from 5.5 (ln 256) to ~2.1, enough to separate the formats).
+# step, 300 steps (~0.6M tokens: the loss falls from 5.5 (ln 256) to ~2.3). lr 1e-3: at 3e-3 the runs are
+# unstable enough that which recipe escapes the early plateau first, not its format, decides the gap.
 DEMO_DEFAULTS: dict[str, dict[str, Any]] = {
-    "model": {"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 128, "lr": 3e-3, "warmup_steps": 30,
+    "model": {"n_layer": 4, "n_head": 4, "n_embd": 128, "block_size": 128, "lr": 1e-3, "warmup_steps": 30,
               "weight_decay": 0.1},
     "data": {"batch_size": 16, "val_batches": 4, "seed": 1234},
     "trainer": {"max_steps": 300, "val_check_interval": 50, "log_every_n_steps": 1, "accelerator": "cpu",
@@ -207,7 +208,7 @@ class GPTLightning(pl.LightningModule):
     (every step) and ``val_loss``, both averaged over ranks."""
 
     def __init__(self, n_layer: int = 4, n_head: int = 4, n_embd: int = 128, block_size: int = 128,
-                 vocab_size: int = 256, lr: float = 3e-3, warmup_steps: int = 30, weight_decay: float = 0.1,
+                 vocab_size: int = 256, lr: float = 1e-3, warmup_steps: int = 30, weight_decay: float = 0.1,
                  max_steps: int = 300) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -281,7 +282,6 @@ def _fit(cfg: dict, out_dir: Path, name: str, enable_progress_bar: bool = True) 
     trainer_kw.setdefault("enable_checkpointing", False)
     trainer_kw.setdefault("enable_model_summary", False)
     trainer_kw.setdefault("enable_progress_bar", enable_progress_bar)
-    trainer_kw.setdefault("deterministic", True)
     trainer_kw.setdefault("num_sanity_val_steps", 0)
     trainer = pl.Trainer(**trainer_kw, callbacks=[callback],
                          logger=CSVLogger(save_dir=str(out_dir), name=name, version=""))
