@@ -16,7 +16,7 @@ import torch
 from torch import Tensor
 
 from ..qtype import QType
-from ._common import saturating_cast
+from ._common import saturating_cast, saturating_cast_
 
 __all__ = ["reference_quant_dequant", "REFERENCE_IMPLS", "check_input", "as_qtype"]
 
@@ -86,4 +86,6 @@ def reference_quant_dequant(x: Tensor, q: QType | str) -> Tensor:
     out = reference_impl(q)(x32, q.dim(dim))
     # A contiguous result (not a view into the padded, axis-moved buffer): GEMM and attention kernels pick
     # their path by stride, and a view would keep the padding alive.
-    return saturating_cast(out, x.dtype).reshape(x.shape).contiguous()
+    # Only hif8 with saturate=False means to return ±inf; every other family's result can be clamped in place.
+    cast = saturating_cast if q.family == "hif8" and not q.saturating else saturating_cast_
+    return cast(out, x.dtype).reshape(x.shape).contiguous()

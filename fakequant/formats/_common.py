@@ -51,22 +51,28 @@ def significand(a: Tensor, e: Tensor) -> Tensor:
     return ldexp(a, -e)
 
 
-def round_int(t: Tensor, mode: str) -> Tensor:
-    """Round exact float32 ``t >= 0`` to an integer: ``nearest`` (ties away), ``even``, ``floor`` (toward 0)."""
+def round_int_(t: Tensor, mode: str) -> Tensor:
+    """Round exact float32 ``t >= 0`` to an integer **in place**: ``nearest`` (ties away from zero),
+    ``even`` (ties to even), ``floor`` (toward zero). Returns ``t``."""
     if mode == "floor":
-        return torch.floor(t)
+        return t.floor_()
     if mode == "even":
-        return torch.round(t)
+        return t.round_()
     if mode != "nearest":
         raise ValueError(f"rounding mode {mode!r} is not one of nearest, even, floor")
     f = torch.floor(t)
-    # t - floor(t) is exact for t < 2^24 (both share t's ulp), so the tie test is exact.
-    return f + (t - f >= 0.5).to(t.dtype)
+    # t - floor(t) is exact for t < 2^24 (both share t's ulp), so the tie test is exact: t = f + [frac >= 1/2].
+    return t.sub_(f).ge_(0.5).add_(f)
 
 
-def grid(v: Tensor, man_bits: int, emin: int, mode: str) -> Tensor:
-    """Round ``v >= 0`` to a float with ``man_bits`` fraction bits and minimum exponent ``emin``
-    (subnormals included): p = max(E(v), emin), result = round(v * 2^(M-p)) * 2^(p-M).
+def round_int(t: Tensor, mode: str) -> Tensor:
+    """``round_int_`` on a copy."""
+    return round_int_(t.clone(), mode)
+
+
+def grid_(v: Tensor, man_bits: int, emin: int, mode: str) -> Tensor:
+    """Round ``v >= 0`` **in place** to a float with ``man_bits`` fraction bits and minimum exponent ``emin``
+    (subnormals included): p = max(E(v), emin), result = round(v * 2^(M-p)) * 2^(p-M). Returns ``v``.
 
     ``2^p`` is read straight from the exponent field of ``v`` (masking the mantissa), floored at ``2^emin``;
     dividing by the quantum ``2^(p-M)`` and multiplying back are exact. A quantum below 2^-149 (only for
@@ -74,11 +80,16 @@ def grid(v: Tensor, man_bits: int, emin: int, mode: str) -> Tensor:
     """
     if not -127 <= emin <= 127 or not 0 <= man_bits <= 23:
         raise ValueError(f"grid needs emin in -127..127 and man_bits in 0..23, got {emin}, {man_bits}")
-    binade = torch.clamp((v.view(torch.int32) & 0x7F800000).view(torch.float32), min=2.0**emin)
-    quantum = binade * 2.0**-man_bits
+    quantum = (v.view(torch.int32) & 0x7F800000).view(torch.float32)
+    quantum.clamp_(min=2.0**emin).mul_(2.0**-man_bits)
     if emin - man_bits < -149:
-        quantum = quantum.clamp(min=2.0**-149)
-    return round_int(v / quantum, mode) * quantum
+        quantum.clamp_(min=2.0**-149)
+    return round_int_(v.div_(quantum), mode).mul_(quantum)
+
+
+def grid(v: Tensor, man_bits: int, emin: int, mode: str) -> Tensor:
+    """``grid_`` on a copy."""
+    return grid_(v.clone(), man_bits, emin, mode)
 
 
 def to_blocks(x: Tensor, dim: int, block: int) -> tuple[Tensor, Callable[[Tensor], Tensor]]:
@@ -111,6 +122,15 @@ def block_nonfinite(blocks: Tensor, dims: int | tuple[int, ...] = -1) -> Tensor:
 def apply_sign(x: Tensor, magnitude: Tensor) -> Tensor:
     """``-|q|`` for negative ``x`` (so ``-0`` when it quantized to zero), ``+|q|`` otherwise (±0 in → +0)."""
     return torch.where(x < 0, -magnitude, magnitude)
+
+
+def saturating_cast_(y: Tensor, dtype: torch.dtype) -> Tensor:
+    """``saturating_cast`` for results that hold no intended ±inf, clamping ``y`` in place (one pass less
+    than keeping infinities apart)."""
+    if dtype == torch.float32 or dtype == torch.float64:
+        return y.to(dtype)
+    big = torch.finfo(dtype).max
+    return y.clamp_(-big, big).to(dtype)
 
 
 def saturating_cast(y: Tensor, dtype: torch.dtype) -> Tensor:

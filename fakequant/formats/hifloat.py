@@ -190,20 +190,21 @@ def round_scaled(x: Tensor, a: Tensor, twice_up: tuple[Tensor, ...], down: tuple
 
     ``a`` is |x|; ``twice_up`` (2 / grid step) and ``down`` (the grid step) are positive factors broadcastable
     to ``x``, multiplied in the order given (a scale beyond fp32's range comes as two factors, each product
-    exact). A NaN factor in ``down`` makes those elements NaN.
+    exact). A NaN factor in ``down`` makes those elements NaN; ``a`` is consumed
+    (overwritten in place).
 
     RHAZ(t) = ceil(floor(2t) / 2) exactly: with t = n + r, r in [0, 1), floor(2t) = 2n + [r >= 1/2], and
     halving then rounding up gives n + [r >= 1/2]. Every step is exact in fp32 (formats.md §0, §12.3).
     The sign comes from ``x``: an input -0 is made +0 first (-0 + +0 = +0), so a negative input gives -|q|
     (-0 when it rounds to zero) and ±0 gives +0.
     """
-    t2 = a
+    k = a  # consumed in place: the reference's largest CPU cost is allocating full-size temporaries
     for factor in twice_up:
-        t2 = t2 * factor
-    k = torch.ceil(torch.floor(t2) * 0.5).clamp(max=k_max)
+        k.mul_(factor)
+    k.floor_().mul_(0.5).ceil_().clamp_(max=k_max)
     for factor in down:
-        k = k * factor
-    return torch.copysign(k, x + 0.0)
+        k.mul_(factor)
+    return k.copysign_(x + 0.0)
 
 
 # ------------------------------------------------------------------------------------------------------ HiF4

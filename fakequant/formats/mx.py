@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from ..qtype import QType
-from ._common import FLT_MAX, exponent, grid, ldexp, pow2, round_int, significand, to_blocks
+from ._common import FLT_MAX, exponent, grid_, ldexp, pow2, round_int, round_int_, significand, to_blocks
 
 __all__ = ["ElementFormat", "quant_dequant_mx", "quant_dequant_mx_hier", "mx_blocks"]
 
@@ -91,18 +91,21 @@ def scale_exponent(amax: Tensor, fmt: ElementFormat, scale_mode: str, round_mode
 
 def quantize_elements(y: Tensor, fmt: ElementFormat, round_mode: str) -> Tensor:
     """Round ``y >= 0`` (already divided by the block scale times ``2^fmt.frame``) to the element grid,
-    saturating at max; the result is in the same units as ``y``."""
+    saturating at max; the result is in the same units as ``y``. ``y`` is consumed: it is overwritten in
+    place (the reference's largest cost on CPU is allocating full-size temporaries)."""
     if fmt.is_int:
-        q = ldexp(round_int(ldexp(y, fmt.frac_bits), round_mode), -fmt.frac_bits)
+        q = round_int_(y.mul_(2.0**fmt.frac_bits), round_mode).mul_(2.0**-fmt.frac_bits)
     else:
-        q = grid(y, fmt.man_bits, fmt.emin - fmt.frame, round_mode)
-    return torch.clamp(q, max=fmt.max_value / 2**fmt.frame)
+        q = grid_(y, fmt.man_bits, fmt.emin - fmt.frame, round_mode)
+    return q.clamp_(max=fmt.max_value / 2**fmt.frame)
 
 
-def _scale_back(q: Tensor, scale: Tensor) -> Tensor:
-    """``q * scale`` for ``q >= 0``; a finite result beyond float32 saturates to FLT_MAX (formats.md §0,
-    Output). A NaN scale (a NaN block) stays NaN through the clamp."""
-    return torch.clamp(q * scale, max=FLT_MAX)
+def _scale_back_(q: Tensor, scale: Tensor, x: Tensor) -> Tensor:
+    """``±q * scale`` in place, the sign taken from ``x`` (formats.md §0: -0 for a negative ``x`` that
+    rounds to zero, +0 for ±0 inputs). A finite product beyond float32 saturates to FLT_MAX (§0, Output);
+    a NaN scale (a NaN block) stays NaN through the clamp."""
+    q.mul_(scale).clamp_(max=FLT_MAX).copysign_(x)
+    return q.masked_fill_((x == 0).logical_and_(~torch.isnan(scale)), 0.0)  # NaN blocks stay NaN
 
 
 def mx_blocks(
@@ -132,9 +135,8 @@ def mx_blocks(
     # Per-block factors (cheap): the scale carries the block's NaN so no full-size mask pass is needed.
     s_arith = s + fmt.frame
     scale = torch.where(nan_block, torch.full_like(amax, float("nan")), pow2(s_arith))
-    y = blocks.abs() * pow2(-s_arith)  # |x| / 2^s, one correctly rounded float32 product
-    out = _scale_back(quantize_elements(y, fmt, round_mode), scale)
-    out = torch.where(blocks < 0, -out, out)
+    y = blocks.abs().mul_(pow2(-s_arith))  # |x| / 2^s, one correctly rounded float32 product
+    out = _scale_back_(quantize_elements(y, fmt, round_mode), scale, blocks)
     if flush_subnormal_blocks:
         flushed = positive & (exponent(safe_amax) <= -127)
         out = out.masked_fill(flushed, 0.0)
@@ -179,7 +181,5 @@ def quant_dequant_mx_hier(x: Tensor, q: QType) -> Tensor:
     s = (g + shift + fmt.frame).clamp(min=-254)
     scale = torch.where(nonfinite, torch.full_like(amax, float("nan")), ldexp(torch.ones_like(amax), s))
     # A group clamped at hi can overflow |x| / 2^g; it saturates, so cap it at FLT_MAX first.
-    q_mag = quantize_elements(ldexp(groups.abs(), -s).clamp(max=FLT_MAX), fmt, q.round_mode)
-    out = _scale_back(q_mag, scale)
-    out = torch.where(groups < 0, -out, out)
-    return restore(out.flatten(-2))
+    q_mag = quantize_elements(ldexp(groups.abs(), -s).clamp_(max=FLT_MAX), fmt, q.round_mode)
+    return restore(_scale_back_(q_mag, scale, groups).flatten(-2))
