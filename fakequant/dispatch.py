@@ -94,6 +94,9 @@ class _State:
     chosen: dict[tuple[str, str], str] = field(default_factory=dict)
     warned: set = field(default_factory=set)
     status: dict[str, tuple[bool, str]] = field(default_factory=dict)
+    # (QType, axis, device type, dtype, requested backend) -> the Implementation chosen for it: a call that
+    # was decided once (capability checked, self-test passed) is decided the same way again, in a lookup
+    fast: dict[tuple, Implementation] = field(default_factory=dict)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -141,6 +144,7 @@ def register(
                 if backend not in order:
                     order.append(backend)
         _STATE.self_tests.clear()
+        _STATE.fast.clear()
 
 
 def set_backend_status(backend: str, ok: bool, reason: str) -> None:
@@ -175,6 +179,16 @@ def select(x: Tensor, q: QType | str, backend: str | None = None) -> Implementat
         raise ValueError(f"backend {backend!r} is not one of {', '.join(BACKENDS)} (or None for automatic)")
     requested = backend if backend is not None else _env_backend()
     dev = x.device.type
+    key = (q, q.q_dim, dev, x.dtype, requested)
+    impl = _STATE.fast.get(key)
+    if impl is None:
+        impl = _select(x, q, requested, dev)
+        if not (dev == "cpu" and impl.backend == "triton"):  # the interpreter switch is read per call
+            _STATE.fast[key] = impl
+    return impl
+
+
+def _select(x: Tensor, q: QType, requested: str | None, dev: str) -> Implementation:
     impls = _candidates(q.family, dev)
     if requested is not None:
         impl = impls.get(requested)
@@ -298,6 +312,7 @@ def reset_self_tests() -> None:
         _STATE.self_tests.clear()
         _STATE.warned.clear()
         _STATE.chosen.clear()
+        _STATE.fast.clear()
 
 
 def canary(q: QType, dtype: torch.dtype, device: torch.device | str) -> Tensor:

@@ -12,6 +12,7 @@ Public: ``quant_dequant_mx(x, q)``.
 
 from __future__ import annotations
 
+import functools
 import struct
 
 import torch
@@ -157,7 +158,11 @@ def _frac_bits(v: float) -> int:
 
 def mx_constants(q: QType) -> dict:
     """The kernel's format constexprs for ``q`` (formats.md §1 step 1, §2)."""
-    e, m = q.exp_bits, q.man_bits
+    return _mx_constants(q.exp_bits, q.man_bits, q.k_bits, q.scale_mode, q.round_mode)
+
+
+@functools.lru_cache(maxsize=512)
+def _mx_constants(e: int, m: int, k_bits: int, mode: str, round_mode: str) -> dict:
     is_int = e == 0
     if is_int:
         emax = emin = 0
@@ -167,13 +172,12 @@ def mx_constants(q: QType) -> dict:
         emin = 2 - 2 ** (e - 1)
         maxv = 448.0 if (e, m) == (4, 3) else 2.0**emax * (2 - 2.0**-m)
     never = 1 << 23
-    mode = q.scale_mode
     if mode == "floor":
         bump = never
     elif mode == "round":
         if not is_int:
             bump = _frac_bits(float.fromhex("0x1.6a09e8p0"))  # significand >= the smallest fp32 >= sqrt(2)
-        elif q.round_mode == "floor":
+        elif round_mode == "floor":
             bump = never
         else:
             bump = _frac_bits(2 - 2.0**-m) if m < 24 else never  # amax would round to 2^M: the carry
@@ -184,10 +188,10 @@ def mx_constants(q: QType) -> dict:
     else:
         raise ValueError(f"scale mode {mode!r} is not one of floor, round, ceil, rceil")
     return dict(
-        EMAX=emax, EMIN=emin, MBITS=m, IS_INT=is_int, KMAX=2 ** (q.k_bits - 1) - 1, BUMP_GE=bump,
+        EMAX=emax, EMIN=emin, MBITS=m, IS_INT=is_int, KMAX=2 ** (k_bits - 1) - 1, BUMP_GE=bump,
         MAXV=float(maxv) if maxv <= _FLT_MAX else float("inf"), SPLIT=(not is_int and emin < m - 126),
-        SUB_AMAX=-127 + 1 - emax > -(2 ** (q.k_bits - 1) - 1),
-        ROUND=_ROUND_CODE[q.round_mode],
+        SUB_AMAX=-127 + 1 - emax > -(2 ** (k_bits - 1) - 1),
+        ROUND=_ROUND_CODE[round_mode],
     )
 
 
