@@ -214,7 +214,10 @@ class FakeQuantCallback(Callback):
                 trainer.should_stop = True
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.monitor.active = False  # the monitor describes training steps
+        self.monitor.active = False  # the monitor and the saver describe training steps
+        close = getattr(self.saver, "close", None)  # TensorSaver: no dumps until the next step(n)
+        if callable(close):
+            close()
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.monitor.active = True

@@ -169,3 +169,13 @@ def test_planted_inf_is_reported_with_layer_gemm_role_and_stops_the_run_when_ask
         trainer.fit(TinyModule(plant_inf_at=2), _loader())
     assert trainer.global_step == 5 and cb.first_nonfinite.layer == LAYER
     assert any("first non-finite value at step 2" in str(w.message) for w in caught)
+
+
+def test_a_tensor_saver_rides_along_as_an_observer(tmp_path):
+    from fakequant.saver import TensorSaver
+
+    saver = TensorSaver(tmp_path / "dump", steps=[1], layers=r"mlp\.c_fc$", what=("hp", "quantized"))
+    _fit([FakeQuantCallback("mxfp8", monitor_every_n_steps=None, saver=saver, verbose=False)], 3)
+    files = sorted(p.relative_to(tmp_path / "dump").as_posix() for p in (tmp_path / "dump").rglob("*.safetensors"))
+    assert files and all(f.startswith("rank_0/step_000001/model.h.0.mlp.c_fc.") for f in files)
+    assert len(files) == 6  # fprop, dgrad, wgrad x their two operands
