@@ -456,5 +456,5 @@ def train_from_config(path: str | Path, overrides: dict | None = None) -> dict:
     cfg = load_train_config(path, overrides)
     out = Path(cfg.get("out") or "runs")
     recipe = cfg["fakequant"].get("recipe", "bf16")
-    name = cfg.get("name") or Path(str(recipe)).stem
+    name = cfg.get("name") or f"{Path(path).stem}_{Path(str(recipe)).stem}"  # gpt_stdlib_mxfp8
     return _fit(cfg, out, name)
