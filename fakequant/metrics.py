@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import math
 
-import torch
 from torch import Tensor
 
 __all__ = ["error_stats", "sqnr_db", "REPORT_FORMATS"]

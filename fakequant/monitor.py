@@ -183,7 +183,7 @@ class NumericsMonitor:
         if not isinstance(check_nonfinite, bool):
             raise TypeError(f"NumericsMonitor: check_nonfinite must be a bool, got {check_nonfinite!r}")
         if on_nonfinite is not None and not callable(on_nonfinite):
-            raise TypeError(f"NumericsMonitor: on_nonfinite must be a callable (NonFinite) -> None or None")
+            raise TypeError("NumericsMonitor: on_nonfinite must be a callable (NonFinite) -> None or None")
         self.every_n_steps = every_n_steps
         self.check_nonfinite = check_nonfinite
         self.on_nonfinite = on_nonfinite

@@ -22,7 +22,7 @@ from __future__ import annotations
 import contextlib
 import threading
 import types
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch

@@ -46,7 +46,7 @@ import torch
 from torch import Tensor
 
 from fakequant.formats import as_qtype, check_input
-from fakequant.formats.mx import SQRT2_UP, ElementFormat
+from fakequant.formats.mx import ElementFormat, scale_exponent_from
 from fakequant.formats.nf4 import NF4_CODES, NF4_THRESHOLDS
 from fakequant.qtype import QType
 
@@ -277,23 +277,7 @@ def _unblocks(t: Tensor) -> Tensor:
 def _scale_exponent(bits: Tensor, fmt: ElementFormat, scale_mode: str, round_mode: str) -> Tensor:
     """Shared exponent of blocks whose finite maximum > 0 has the float32 bits ``bits``."""
     e, sig = _exponent_and_significand(bits)
-    if scale_mode == "floor":
-        bump = None
-    elif scale_mode == "round":
-        if not fmt.is_int:
-            bump = sig >= SQRT2_UP
-        elif round_mode == "floor":
-            bump = None  # truncation never carries amax up to 2^M
-        else:
-            bump = sig >= 2 - 2.0**-fmt.man_bits
-    elif scale_mode == "ceil":
-        bump = sig > 1
-    elif scale_mode == "rceil":
-        bump = sig > fmt.max_value / 2.0**fmt.emax
-    else:
-        raise ValueError(f"scale mode {scale_mode!r} is not one of floor, round, ceil, rceil")
-    s = e - fmt.emax
-    return s if bump is None else s + bump.to(I32)
+    return scale_exponent_from(e, sig, fmt, scale_mode, round_mode)
 
 
 def _quantize_elements(y: Tensor, fmt: ElementFormat, round_mode: str) -> Tensor:

@@ -235,7 +235,7 @@ def main() -> None:
     if rows:
         print()
         print(header)
-        print(f"copy: " + ", ".join(f"{d} {copy_ms[d]:.4f} ms ({_gbps(args.size**2 * DTYPES[d].itemsize, copy_ms[d]):.0f} GB/s)"
+        print("copy: " + ", ".join(f"{d} {copy_ms[d]:.4f} ms ({_gbps(args.size**2 * DTYPES[d].itemsize, copy_ms[d]):.0f} GB/s)"
                                    for d in args.dtypes))
         print("| family | qtype | dtype | axis | triton ms | GB/s | % of copy | reference ms | compiled ms | "
               "x reference | x compiled | exact |")

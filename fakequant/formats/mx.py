@@ -66,10 +66,9 @@ class ElementFormat:
         return 2.0**self.emax * (2 - 2.0**-self.man_bits)
 
 
-def scale_exponent(amax: Tensor, fmt: ElementFormat, scale_mode: str, round_mode: str) -> Tensor:
-    """Shared exponent ``s`` of blocks with maximum ``amax > 0`` (formats.md §1 step 1, §2)."""
-    e = exponent(amax)
-    sig = significand(amax, e)  # in [1, 2)
+def scale_exponent_from(e: Tensor, sig: Tensor, fmt: ElementFormat, scale_mode: str, round_mode: str) -> Tensor:
+    """Shared exponent ``s`` of blocks whose maximum is ``sig * 2^e`` (``sig`` in [1, 2)) by the scale rule
+    (formats.md §1 step 1, §2). Shared with the NPU implementation, which reads ``e`` and ``sig`` off the bits."""
     if scale_mode == "floor":
         bump = None
     elif scale_mode == "round":
@@ -87,6 +86,12 @@ def scale_exponent(amax: Tensor, fmt: ElementFormat, scale_mode: str, round_mode
         raise ValueError(f"scale mode {scale_mode!r} is not one of floor, round, ceil, rceil")
     s = e - fmt.emax
     return s if bump is None else s + bump.to(torch.int32)
+
+
+def scale_exponent(amax: Tensor, fmt: ElementFormat, scale_mode: str, round_mode: str) -> Tensor:
+    """Shared exponent ``s`` of blocks with maximum ``amax > 0`` (formats.md §1 step 1, §2)."""
+    e = exponent(amax)
+    return scale_exponent_from(e, significand(amax, e), fmt, scale_mode, round_mode)
 
 
 def quantize_elements(y: Tensor, fmt: ElementFormat, round_mode: str) -> Tensor:

@@ -21,7 +21,7 @@ import triton.language as tl
 
 from ...qtype import QType
 from ._common import (
-    FLT_MAX, bits_of, cast_out, cdiv, check_input, col_tile, copysign_plus, exponent_and_fraction, float_of,
+    bits_of, cast_out, cdiv, check_input, col_tile, copysign_plus, exponent_and_fraction, float_of,
     geometry, is_interpreted, load_f32, max_keep, next_pow2, out_kind, plan_tiles, pow2, round_to_int, row_tile,
     saturation,
 )
