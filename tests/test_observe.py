@@ -15,14 +15,6 @@ from .conftest import assert_bitwise_equal
 from .tiny_gpt import GPTConfig, TinyGPT, synthetic_batch
 
 
-@pytest.fixture(autouse=True)
-def _one_intra_op_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 GPT = GPTConfig(vocab_size=96, block_size=16, n_layer=1, n_head=2, n_embd=32)
 
 

@@ -24,14 +24,6 @@ from .saver_run import CONFIG, GPT, LAYER_REGEX, LAYERS, N_STEPS, OPERANDS, STEP
 from .tiny_gpt import TinyGPT, synthetic_batch
 
 
-@pytest.fixture(autouse=True)
-def _one_intra_op_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
 def dump(tmp_path_factory):
     torch.set_num_threads(1)
