@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import socket
 from pathlib import Path
 
 import pytest
 import torch
 
 DATA = Path(__file__).parent / "data"
+
+
+def free_port() -> int:
+    """A free TCP port on localhost for a gloo process group in a multi-process test."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def bitwise_mismatches(actual: torch.Tensor, expected: torch.Tensor) -> int:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import socket
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ from torch import nn
 
 from fakequant import FakeQuantConfig, patch
 
-from .conftest import assert_bitwise_equal
+from .conftest import assert_bitwise_equal, free_port
 from .tiny_gpt import GPTConfig, TinyGPT, synthetic_batch
 
 
@@ -66,10 +65,6 @@ def test_inductor_compiled_patched_mlp_equals_eager():
 
 
 # ------------------------------------------------------------------------------------------------- DDP
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
@@ -104,7 +99,7 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo")
 def test_ddp_two_cpu_processes_give_identical_losses_and_parameters(tmp_path):
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert r0["patched"] == r1["patched"] == 4 * GPT.n_layer
     assert r0["train"] != r1["train"]  # the ranks saw different data ...

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import pickle
-import socket
 import warnings
 
 import pytest
@@ -19,7 +18,7 @@ from fakequant.saver import (
     TensorSaver, every, load, load_file, read_manifest, sanitise, save_file, serialize, deserialize,
 )
 
-from .conftest import assert_bitwise_equal
+from .conftest import assert_bitwise_equal, free_port
 from .saver_run import CONFIG, GPT, LAYER_REGEX, LAYERS, N_STEPS, OPERANDS, STEPS, train_with_saver
 from .tiny_gpt import TinyGPT, synthetic_batch
 
@@ -288,10 +287,6 @@ def test_attach_without_lightning_and_no_step_warns_once(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------ DDP
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
@@ -319,7 +314,7 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo")
 def test_ddp_two_ranks_write_their_own_folders(tmp_path):
-    mp.spawn(_ddp_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["rank_0", "rank_1"]
     per_rank = {}
     for r in (0, 1):
