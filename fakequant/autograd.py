@@ -158,6 +158,13 @@ def _q(x: Tensor, q: str | None) -> Tensor:
     return _quantize_operand(x, q)
 
 
+def _q_pair(x: Tensor, q_a: str, q_b: str) -> tuple[Tensor, Tensor]:
+    """``(_q(x, q_a), _q(x, q_b))`` in one pass over ``x`` where the backend fuses them."""
+    if torch.compiler.is_compiling():
+        return torch.ops.fakequant.gemm_operand_qdq_pair(x, q_a, q_b)
+    return _quantize_operand_pair(x, q_a, q_b)
+
+
 def _qo(x: Tensor, q: str | None, site: ObserverSite | None, gemm: str, operand: int) -> Tensor:
     """``_q``, then tell the observers of ``site`` (if any): ``operand`` 0 = A, 1 = B, 2 = dC of C = A·B."""
     y = _q(x, q)
@@ -174,10 +181,7 @@ def _qo_grad(g: Tensor, plan: GemmPlan, site: ObserverSite | None, dgrad: bool, 
     q_d, q_w = (plan.g_dgrad if dgrad else None), (plan.g_wgrad if wgrad else None)
     if not (_quantizes(g, q_d) and _quantizes(g, q_w)):
         return (_qo(g, q_d, site, "dgrad", 2) if dgrad else None), (_qo(g, q_w, site, "wgrad", 2) if wgrad else None)
-    if torch.compiler.is_compiling():
-        g_d, g_w = torch.ops.fakequant.gemm_operand_qdq_pair(g, q_d, q_w)
-    else:
-        g_d, g_w = _quantize_operand_pair(g, q_d, q_w)
+    g_d, g_w = _q_pair(g, q_d, q_w)
     if site is not None:
         site.notify("dgrad", site.roles[2], q_d, g, g_d)
         site.notify("wgrad", site.roles[2], q_w, g, g_w)

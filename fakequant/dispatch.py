@@ -75,8 +75,11 @@ class Implementation:
     def resolve(self) -> Callable[[Tensor, QType], Tensor]:
         if callable(self.fn):
             return self.fn
-        module, func = self.fn.split(":")
-        return getattr(importlib.import_module(module), func)
+        fn = _STATE.resolved.get(self.fn)
+        if fn is None:  # imported on first use; reset_self_tests() forgets it (tests monkeypatch kernels)
+            module, func = self.fn.split(":")
+            fn = _STATE.resolved[self.fn] = getattr(importlib.import_module(module), func)
+        return fn
 
     def can_run(self, x: Tensor, q: QType) -> tuple[bool, str]:
         return (True, "") if self.check is None else self.check(x, q)
@@ -97,6 +100,7 @@ class _State:
     # (QType, axis, device type, dtype, requested backend) -> the Implementation chosen for it: a call that
     # was decided once (capability checked, self-test passed) is decided the same way again, in a lookup
     fast: dict[tuple, Implementation] = field(default_factory=dict)
+    resolved: dict[str, Callable] = field(default_factory=dict)  # "module:function" -> the function
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -145,6 +149,7 @@ def register(
                     order.append(backend)
         _STATE.self_tests.clear()
         _STATE.fast.clear()
+        _STATE.resolved.clear()
 
 
 def set_backend_status(backend: str, ok: bool, reason: str) -> None:
@@ -313,6 +318,7 @@ def reset_self_tests() -> None:
         _STATE.warned.clear()
         _STATE.chosen.clear()
         _STATE.fast.clear()
+        _STATE.resolved.clear()
 
 
 def canary(q: QType, dtype: torch.dtype, device: torch.device | str) -> Tensor:

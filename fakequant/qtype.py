@@ -82,7 +82,8 @@ class QType:
     place and does not move the QType inside a set or dict, since the hash ignores the axis.
     """
 
-    __slots__ = _VALUE_FIELDS + ("q_dim",)
+    # ``_key``: the value tuple, computed once (QTypes key the kernel and dispatch caches on every call)
+    __slots__ = _VALUE_FIELDS + ("q_dim", "_key")
 
     def __init__(self, desc: str | QType) -> None:
         if isinstance(desc, QType):
@@ -100,6 +101,7 @@ class QType:
     def _set(self, **fields: Any) -> None:
         for key, value in fields.items():
             object.__setattr__(self, key, value)
+        object.__setattr__(self, "_key", None)  # recomputed on demand from the new values
 
     def _parse_format(self, desc: str, fmt: str) -> None:
         self._set(
@@ -360,12 +362,16 @@ class QType:
         return f"QType({self.desc!r})"
 
     def _value(self) -> tuple:
-        return tuple(getattr(self, f) for f in _VALUE_FIELDS)
+        key = self._key
+        if key is None:
+            key = tuple(getattr(self, f) for f in _VALUE_FIELDS)
+            object.__setattr__(self, "_key", key)
+        return key
 
     def __eq__(self, other: object) -> bool:
         if not isinstance(other, QType):
             return NotImplemented
-        return self._value() == other._value() and self.q_dim == other.q_dim
+        return self is other or (self.q_dim == other.q_dim and self._value() == other._value())
 
     def __hash__(self) -> int:
         return hash(self._value())

@@ -68,8 +68,43 @@ def run_recipe(recipe: str, args, cfg: GPTConfig, batch_size: int, dtype: torch.
             times.append(time.perf_counter() - t0)
         loss = loss_t.item()
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
+    if args.profile:
+        profile_steps(recipe, lambda: _train_step(step_model, opt, idx, targets), device, args.profile)
     del model, opt, step_model
     return statistics.median(times), peak, loss
+
+
+def _train_step(model, opt, idx, targets) -> None:
+    _, loss = model(idx, targets)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+
+
+def profile_steps(recipe: str, step, device: torch.device, top: int, n: int = 3) -> None:
+    """Where a recipe's step time goes: device-kernel time per step (the GPU's busy time), host time to
+    issue one step (when it exceeds the device time, the step is launch-bound), and the ``top`` kernels."""
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(n):
+        step()
+    host = (time.perf_counter() - t0) / n  # without a sync: the time the host needs to issue a step
+    _sync(device)
+    with profile(activities=activities) as prof:
+        for _ in range(n):
+            step()
+        _sync(device)
+    events = prof.key_averages()
+    kernels = [e for e in events if getattr(e, "self_device_time_total", 0) > 0]
+    busy = sum(e.self_device_time_total for e in kernels) / n / 1e3
+    print(f"\n[{recipe}] device-kernel time {busy:.1f} ms/step, host issue time {host * 1e3:.1f} ms/step, "
+          f"{sum(e.count for e in kernels) // n} kernels/step")
+    for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:top]:
+        per = e.self_device_time_total / n / 1e3
+        print(f"  {per:7.2f} ms  {e.count // n:5d}x  {e.key[:110]}")
 
 
 def main() -> None:
@@ -87,6 +122,9 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's); 1 is steadier for tiny CPU shapes")
+    parser.add_argument("--profile", type=int, default=0, metavar="TOP",
+                        help="after timing, profile 3 steps of each recipe and print its device time per step, "
+                             "its host time per step and its TOP most expensive device kernels")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)

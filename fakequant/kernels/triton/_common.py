@@ -18,6 +18,8 @@ import torch
 import triton
 import triton.language as tl
 
+from ._launch import launch
+
 FLT_MAX = tl.constexpr(3.4028234663852886e38)  # largest finite float32
 
 # ----------------------------------------------------------------------------------------------- jit helpers
@@ -367,6 +369,31 @@ def plan_tiles(g: Geometry, block: int, block_pow2: int, elem_size: int, interpr
     nblk = max(1, min(next_pow2(n_row_blocks), along // block_pow2))
     return TilePlan(True, nblk, bi, warps, g.outer * -(-n_row_blocks // nblk) * -(-g.inner // bi))
 
+
+def launch_block_kernel(kernel, x: torch.Tensor, y: torch.Tensor, q, block: int, tiles: dict | None,
+                        tile: tuple | None, extra: tuple = (), constants: dict | None = None) -> None:
+    """Launch a block kernel of the shared signature ``(x, y, *extra, n_blocks, n_row_blocks, L, I, cs, NBLK,
+    BI, COL, SCALAR, EVEN, I64, OUT_KIND, INTERPRET, **constants)`` on contiguous ``x`` into ``y``, tiled by
+    ``plan_tiles``. ``constants``: the format's constexprs (a function of ``q`` and ``block`` alone, which key
+    the prepared launch with the shape, dtype and ``tile``)."""
+
+    def prepare():
+        g = geometry(x, q.q_dim)
+        interp = is_interpreted(x)
+        plan = plan_tiles(g, block, next_pow2(block), x.element_size(), interp, override=tile, tiles=tiles)
+        n_row_blocks = -(-g.length // block)
+        args = (x, y, *extra, g.outer * n_row_blocks, n_row_blocks, g.length, g.inner, 1)
+        kwargs = dict(
+            NBLK=plan.nblk, BI=plan.bi, COL=plan.col, SCALAR=plan.scalar, EVEN=g.length % block == 0,
+            I64=x.numel() >= I64_FROM, OUT_KIND=out_kind(x.dtype), INTERPRET=interp, **(constants or {}),
+            num_warps=plan.num_warps, enable_fp_fusion=False,
+        )
+        return (plan.grid,), args, kwargs
+
+    launch(kernel, (q, block, x.shape, x.dtype, tile), (x, y, *extra), prepare)
+
+
+I64_FROM = 2**31 - 2**24  # offsets of tensors this large are computed in int64 (a margin below 2^31)
 
 # Measured on an H100 (scripts/bench_kernels.py --sweep, docs/benchmarks.md); families override them.
 DEFAULT_TILES = {2: {"row": (1024, 4), "col": (32, 128, 4)}, 4: {"row": (1024, 4), "col": (32, 128, 4)}}

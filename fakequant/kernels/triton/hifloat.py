@@ -18,11 +18,25 @@ import triton.language as tl
 
 from ...qtype import QType
 from ._common import (
-    bf16_rne, bits_of, cast_out, check_input, col_tile3, copysign_plus, float_of, geometry, is_interpreted,
-    load_f32, max_keep, out_kind, plan_tiles, rhaz_small, row_tile,
+    I64_FROM,
+    bf16_rne,
+    bits_of,
+    cast_out,
+    check_input,
+    col_tile3,
+    copysign_plus,
+    float_of,
+    is_interpreted,
+    launch,
+    launch_block_kernel,
+    load_f32,
+    max_keep,
+    out_kind,
+    rhaz_small,
+    row_tile,
 )
 
-__all__ = ["quant_dequant_hif8", "quant_dequant_hif4", "quant_dequant_hifx"]
+__all__ = ["quant_dequant_hif4", "quant_dequant_hif8", "quant_dequant_hifx"]
 
 
 # --------------------------------------------------------------------------------------------- tile math
@@ -168,16 +182,19 @@ def quant_dequant_hif8(x: torch.Tensor, q: QType, tile: tuple[int, int, int] | N
     n = x.numel()
     if n == 0:
         return y
-    interp = is_interpreted(x)
-    block, warps = HIF8_TILES[2 if x.element_size() <= 2 else 4]
-    if tile:
-        block, warps = tile[0], tile[2]
-    if interp:
-        block = 1 << 16
-    _hif8_kernel[(triton.cdiv(n, block),)](
-        x, y, n, BLOCK=block, SATURATE=q.saturating, I64=n >= 2**31 - 2**24, OUT_KIND=out_kind(x.dtype),
-        INTERPRET=interp, num_warps=warps, enable_fp_fusion=False,
-    )
+
+    def prepare():
+        interp = is_interpreted(x)
+        block, warps = HIF8_TILES[2 if x.element_size() <= 2 else 4]
+        if tile:
+            block, warps = tile[0], tile[2]
+        if interp:
+            block = 1 << 16
+        kwargs = {"BLOCK": block, "SATURATE": q.saturating, "I64": n >= I64_FROM, "OUT_KIND": out_kind(x.dtype),
+                  "INTERPRET": interp, "num_warps": warps, "enable_fp_fusion": False}
+        return (triton.cdiv(n, block),), (x, y, n), kwargs
+
+    launch(_hif8_kernel, (q, x.shape, x.dtype, tile), (x, y), prepare)
     return y
 
 
@@ -186,16 +203,7 @@ def _block64(x: torch.Tensor, q: QType, hif4: bool, mbits: int, name: str, tile)
     y = torch.empty_like(x)
     if x.numel() == 0:
         return y
-    g = geometry(x, q.q_dim)
-    interp = is_interpreted(x)
-    plan = plan_tiles(g, 64, 64, x.element_size(), interp, override=tile, tiles=TILES)
-    n_row_blocks = -(-g.length // 64)
-    _hif_block64_kernel[(plan.grid,)](
-        x, y, g.outer * n_row_blocks, n_row_blocks, g.length, g.inner, 1,
-        NBLK=plan.nblk, BI=plan.bi, COL=plan.col, SCALAR=plan.scalar, EVEN=g.length % 64 == 0, I64=x.numel() >= 2**31 - 2**24,
-        HIF4=hif4, MBITS=mbits, OUT_KIND=out_kind(x.dtype), INTERPRET=interp,
-        num_warps=plan.num_warps, enable_fp_fusion=False,
-    )
+    launch_block_kernel(_hif_block64_kernel, x, y, q, 64, TILES, tile, constants={"HIF4": hif4, "MBITS": mbits})
     return y
 
 

@@ -19,8 +19,22 @@ import triton.language as tl
 
 from ...qtype import QType
 from ._common import (
-    FLT_MAX, bits_of, cast_out, cdiv, check_input, copysign_plus, float_of, geometry, is_interpreted, load_f32,
-    max_keep, next_pow2, out_kind, round_to_int,
+    FLT_MAX,
+    I64_FROM,
+    bits_of,
+    cast_out,
+    cdiv,
+    check_input,
+    copysign_plus,
+    float_of,
+    geometry,
+    is_interpreted,
+    launch,
+    load_f32,
+    max_keep,
+    next_pow2,
+    out_kind,
+    round_to_int,
 )
 
 __all__ = ["quant_dequant_int8sym"]
@@ -119,32 +133,37 @@ def quant_dequant_int8sym(x: torch.Tensor, q: QType, tile: tuple[int, int, int] 
     y = torch.empty_like(x)
     if x.numel() == 0:
         return y
-    g = geometry(x, q.q_dim)
-    interp = is_interpreted(x)
-    lp = next_pow2(g.length)
-    target = (1 << 16) if interp else 8192
-    col = g.inner > 1
-    if col:
-        bi = min(next_pow2(g.inner), 32 if not interp else 256)
-        ch = min(lp, max(1, target // bi))
-        scalar = False
-        if tile is not None:
-            bi, ch = tile[0], tile[1]
-            scalar = len(tile) > 3 and bool(tile[3])
-        grid = g.outer * triton.cdiv(g.inner, bi)
-        nr = 1
-    else:
-        ch = min(lp, MAX_SINGLE if lp <= MAX_SINGLE else 4096)
-        nr = max(1, min(next_pow2(g.outer), target // ch)) if ch >= lp else 1
-        if tile is not None:
-            nr, ch = tile[0], tile[1]
-        grid = triton.cdiv(g.outer, nr)
-        bi = 1
-        scalar = False
-    warps = tile[2] if tile is not None else (8 if nr * ch * bi >= 8192 else 4)
-    _int8sym_kernel[(grid,)](
-        x, y, g.outer, g.length, g.inner, 1, NR=nr, CH=ch, BI=bi, COL=col, SCALAR=scalar, SINGLE=ch >= g.length,
-        I64=x.numel() >= 2**31 - 2**24, OUT_KIND=out_kind(x.dtype), INTERPRET=interp,
-        num_warps=warps, enable_fp_fusion=False,
-    )
+
+    def prepare():
+        g = geometry(x, q.q_dim)
+        interp = is_interpreted(x)
+        lp = next_pow2(g.length)
+        target = (1 << 16) if interp else 8192
+        col = g.inner > 1
+        if col:
+            bi = min(next_pow2(g.inner), 32 if not interp else 256)
+            ch = min(lp, max(1, target // bi))
+            scalar = False
+            if tile is not None:
+                bi, ch = tile[0], tile[1]
+                scalar = len(tile) > 3 and bool(tile[3])
+            grid = g.outer * triton.cdiv(g.inner, bi)
+            nr = 1
+        else:
+            ch = min(lp, MAX_SINGLE if lp <= MAX_SINGLE else 4096)
+            nr = max(1, min(next_pow2(g.outer), target // ch)) if ch >= lp else 1
+            if tile is not None:
+                nr, ch = tile[0], tile[1]
+            grid = triton.cdiv(g.outer, nr)
+            bi = 1
+            scalar = False
+        warps = tile[2] if tile is not None else (8 if nr * ch * bi >= 8192 else 4)
+        kwargs = {
+            "NR": nr, "CH": ch, "BI": bi, "COL": col, "SCALAR": scalar, "SINGLE": ch >= g.length,
+            "I64": x.numel() >= I64_FROM, "OUT_KIND": out_kind(x.dtype), "INTERPRET": interp,
+            "num_warps": warps, "enable_fp_fusion": False,
+        }
+        return (grid,), (x, y, g.outer, g.length, g.inner, 1), kwargs
+
+    launch(_int8sym_kernel, (q, x.shape, x.dtype, tile), (x, y), prepare)
     return y

@@ -21,12 +21,29 @@ import triton.language as tl
 
 from ...qtype import QType
 from ._common import (
-    bits_of, cast_out, cdiv, check_input, col_tile, copysign_plus, exponent_and_fraction, float_of,
-    geometry, is_interpreted, load_f32, max_keep, next_pow2, out_kind, plan_tiles, pow2, round_to_int, row_tile,
+    I64_FROM,
+    bits_of,
+    cast_out,
+    cdiv,
+    check_input,
+    col_tile,
+    copysign_plus,
+    exponent_and_fraction,
+    float_of,
+    is_interpreted,
+    launch,
+    launch_block_kernel,
+    load_f32,
+    max_keep,
+    next_pow2,
+    out_kind,
+    pow2,
+    round_to_int,
+    row_tile,
     saturation,
 )
 
-__all__ = ["quant_dequant_mx", "mx_constants", "quant_dequant_mx_pair", "fusable_pair"]
+__all__ = ["fusable_pair", "mx_constants", "quant_dequant_mx", "quant_dequant_mx_pair"]
 
 _FLT_MAX = 3.4028234663852886e38
 _ROUND_CODE = {"nearest": 0, "even": 1, "floor": 2}
@@ -187,12 +204,12 @@ def _mx_constants(e: int, m: int, k_bits: int, mode: str, round_mode: str) -> di
         bump = _frac_bits(maxv / 2.0**emax) + 1  # significand > max_norm / 2^emax
     else:
         raise ValueError(f"scale mode {mode!r} is not one of floor, round, ceil, rceil")
-    return dict(
-        EMAX=emax, EMIN=emin, MBITS=m, IS_INT=is_int, KMAX=2 ** (k_bits - 1) - 1, BUMP_GE=bump,
-        MAXV=float(maxv) if maxv <= _FLT_MAX else float("inf"), SPLIT=(not is_int and emin < m - 126),
-        SUB_AMAX=-127 + 1 - emax > -(2 ** (k_bits - 1) - 1),
-        ROUND=_ROUND_CODE[round_mode],
-    )
+    return {
+        "EMAX": emax, "EMIN": emin, "MBITS": m, "IS_INT": is_int, "KMAX": 2 ** (k_bits - 1) - 1, "BUMP_GE": bump,
+        "MAXV": float(maxv) if maxv <= _FLT_MAX else float("inf"), "SPLIT": (not is_int and emin < m - 126),
+        "SUB_AMAX": -127 + 1 - emax > -(2 ** (k_bits - 1) - 1),
+        "ROUND": _ROUND_CODE[round_mode],
+    }
 
 
 def quant_dequant_mx(x: torch.Tensor, q: QType, tile: tuple[int, int, int] | None = None) -> torch.Tensor:
@@ -206,18 +223,10 @@ def quant_dequant_mx(x: torch.Tensor, q: QType, tile: tuple[int, int, int] | Non
     y = torch.empty_like(x)
     if x.numel() == 0:
         return y
-    g = geometry(x, q.q_dim)
+
     block = q.blk_size
-    bp = next_pow2(block)
-    interp = is_interpreted(x)
-    plan = plan_tiles(g, block, bp, x.element_size(), interp, override=tile, tiles=TILES)
-    n_row_blocks = -(-g.length // block)
-    _mx_kernel[(plan.grid,)](
-        x, y, g.outer * n_row_blocks, n_row_blocks, g.length, g.inner, 1,
-        B=block, BP=bp, NBLK=plan.nblk, BI=plan.bi, COL=plan.col, SCALAR=plan.scalar, EVEN=g.length % block == 0,
-        I64=x.numel() >= 2**31 - 2**24, **mx_constants(q), SAT=saturation(x.dtype), OUT_KIND=out_kind(x.dtype), INTERPRET=interp,
-        num_warps=plan.num_warps, enable_fp_fusion=False,
-    )
+    launch_block_kernel(_mx_kernel, x, y, q, block, TILES, tile,
+                        constants=dict(B=block, BP=next_pow2(block), **mx_constants(q), SAT=saturation(x.dtype)))
     return y
 
 
@@ -248,7 +257,7 @@ def quant_dequant_mx_pair(x: torch.Tensor, q_a: QType, q_b: QType) -> tuple[torc
             f"quant_dequant_mx_pair: {q_a.desc!r} and {q_b.desc!r} on a {tuple(x.shape)} {x.dtype} tensor are not a "
             "fusable pair (two MX formats along the last two axes, power-of-two blocks <= 128)"
         )
-    a_axis, b_axis = _pair_axes(x, q_a, q_b)
+    a_axis, _b_axis = _pair_axes(x, q_a, q_b)
     if a_axis != x.dim() - 1:  # q_a runs down the columns: swap the roles, swap back at the end
         yb, ya = quant_dequant_mx_pair(x, q_b, q_a)
         return ya, yb
@@ -256,19 +265,24 @@ def quant_dequant_mx_pair(x: torch.Tensor, q_a: QType, q_b: QType) -> tuple[torc
     ya, yb = torch.empty_like(x), torch.empty_like(x)
     if x.numel() == 0:
         return ya, yb
-    m, n = x.shape[-2], x.shape[-1]
-    batch = x.numel() // (m * n)
-    ba, bb = q_a.blk_size, q_b.blk_size
-    interp = is_interpreted(x)
-    target = (1 << 16) if interp else 4096
-    c = max(ba, min(next_pow2(n), 128))
-    r = max(bb, min(next_pow2(m), max(1, target // c)))
-    grid = batch * -(-m // r) * -(-n // c)
-    ca = {f"A_{k}": v for k, v in mx_constants(q_a).items()}
-    cb = {f"B_{k}": v for k, v in mx_constants(q_b).items()}
-    _mx_pair_kernel[(grid,)](
-        x, ya, yb, m, n, R=r, C=c, BA=ba, BB=bb, **ca, **cb, SAT=saturation(x.dtype),
-        I64=x.numel() >= 2**31 - 2**24, OUT_KIND=out_kind(x.dtype), INTERPRET=interp,
-        num_warps=4 if r * c <= 4096 else 8, enable_fp_fusion=False,
-    )
+
+    def prepare():
+        m, n = x.shape[-2], x.shape[-1]
+        batch = x.numel() // (m * n)
+        ba, bb = q_a.blk_size, q_b.blk_size
+        interp = is_interpreted(x)
+        target = (1 << 16) if interp else 4096
+        c = max(ba, min(next_pow2(n), 128))
+        r = max(bb, min(next_pow2(m), max(1, target // c)))
+        grid = batch * -(-m // r) * -(-n // c)
+        ca = {f"A_{k}": v for k, v in mx_constants(q_a).items()}
+        cb = {f"B_{k}": v for k, v in mx_constants(q_b).items()}
+        kwargs = dict(
+            R=r, C=c, BA=ba, BB=bb, **ca, **cb, SAT=saturation(x.dtype), I64=x.numel() >= I64_FROM,
+            OUT_KIND=out_kind(x.dtype), INTERPRET=interp, num_warps=4 if r * c <= 4096 else 8,
+            enable_fp_fusion=False,
+        )
+        return (grid,), (x, ya, yb, m, n), kwargs
+
+    launch(_mx_pair_kernel, (q_a, q_b, x.shape, x.dtype), (x, ya, yb), prepare)
     return ya, yb

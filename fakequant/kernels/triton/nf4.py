@@ -20,8 +20,15 @@ import triton.language as tl
 from ...formats.nf4 import NF4_CODES, NF4_THRESHOLDS
 from ...qtype import QType
 from ._common import (
-    bits_of, cast_out, check_input, col_tile, float_of, geometry, is_interpreted, load_f32, max_keep, out_kind,
-    plan_tiles, row_tile,
+    bits_of,
+    cast_out,
+    check_input,
+    col_tile,
+    float_of,
+    launch_block_kernel,
+    load_f32,
+    max_keep,
+    row_tile,
 )
 
 __all__ = ["quant_dequant_nf4"]
@@ -76,8 +83,11 @@ def _nf4_kernel(
 TILES = {2: {"row": (1024, 2), "col": (64, 32, 1)}, 4: {"row": (512, 2), "col": (64, 32, 1)}}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
+@functools.lru_cache(maxsize=16)
 def _codes(device: torch.device) -> torch.Tensor:
+    """The 16 code values on ``device``, made once per device (a host-to-device copy per call would cost
+    more than the kernel on small operands)."""
     return torch.tensor(list(reversed(NF4_CODES)), dtype=torch.float32, device=device)  # code by count
 
 
@@ -89,14 +99,5 @@ def quant_dequant_nf4(x: torch.Tensor, q: QType, tile: tuple[int, int, int] | No
     y = torch.empty_like(x)
     if x.numel() == 0:
         return y
-    g = geometry(x, q.q_dim)
-    interp = is_interpreted(x)
-    codes = _codes(x.device)
-    plan = plan_tiles(g, 64, 64, x.element_size(), interp, override=tile, tiles=TILES)
-    n_row_blocks = -(-g.length // 64)
-    _nf4_kernel[(plan.grid,)](
-        x, y, codes, g.outer * n_row_blocks, n_row_blocks, g.length, g.inner, 1,
-        NBLK=plan.nblk, BI=plan.bi, COL=plan.col, SCALAR=plan.scalar, EVEN=g.length % 64 == 0, I64=x.numel() >= 2**31 - 2**24,
-        OUT_KIND=out_kind(x.dtype), INTERPRET=interp, num_warps=plan.num_warps, enable_fp_fusion=False,
-    )
+    launch_block_kernel(_nf4_kernel, x, y, q, 64, TILES, tile, extra=(_codes(x.device),))
     return y

@@ -23,8 +23,23 @@ import triton.language as tl
 
 from ...qtype import QType
 from ._common import (
-    FLT_MAX, bits_of, cast_out, check_input, col_tile, copysign_plus, float_of, geometry, is_interpreted,
-    load_f32, max_all, max_keep, out_kind, plan_tiles, round_to_int, row_tile,
+    FLT_MAX,
+    I64_FROM,
+    bits_of,
+    cast_out,
+    check_input,
+    col_tile,
+    copysign_plus,
+    float_of,
+    is_interpreted,
+    launch,
+    launch_block_kernel,
+    load_f32,
+    max_all,
+    max_keep,
+    out_kind,
+    round_to_int,
+    row_tile,
 )
 
 __all__ = ["quant_dequant_nvf4", "quant_dequant_nvfp4", "tensor_amax"]
@@ -143,12 +158,14 @@ def tensor_amax(x: torch.Tensor) -> torch.Tensor:
     1-element tensor on x's device (no host synchronisation)."""
     out = torch.zeros(1, dtype=torch.int32, device=x.device)
     n = x.numel()
-    interp = is_interpreted(x)
-    block = (1 << 16) if interp else 8192
-    _finite_amax_kernel[(triton.cdiv(n, block),)](
-        x, out, n, BLOCK=block, I64=n >= 2**31 - 2**24, IN_KIND=out_kind(x.dtype), INTERPRET=interp,
-        num_warps=8,
-    )
+
+    def prepare():
+        interp = is_interpreted(x)
+        block = (1 << 16) if interp else 8192
+        kwargs = {"BLOCK": block, "I64": n >= I64_FROM, "IN_KIND": out_kind(x.dtype), "INTERPRET": interp, "num_warps": 8}
+        return (triton.cdiv(n, block),), (x, out, n), kwargs
+
+    launch(_finite_amax_kernel, ("amax", x.shape, x.dtype), (x, out), prepare)
     return out
 
 
@@ -157,23 +174,14 @@ def _launch(x: torch.Tensor, q: QType, tensor_scale: bool, name: str, tile, amax
     y = torch.empty_like(x)
     if x.numel() == 0:
         return y
-    g = geometry(x, q.q_dim)
-    interp = is_interpreted(x)
     if not tensor_scale:
         amax = y  # an unused placeholder pointer for nvf4
     elif amax is None:
         amax = tensor_amax(x)
     else:
         amax = _amax_bits(amax, x)
-    plan = plan_tiles(g, 16, 16, x.element_size(), interp, override=tile,
-                      tiles=NVFP4_TILES if tensor_scale else NVF4_TILES)
-    n_row_blocks = -(-g.length // 16)
-    _nvfp_kernel[(plan.grid,)](
-        x, y, amax, g.outer * n_row_blocks, n_row_blocks, g.length, g.inner, 1,
-        NBLK=plan.nblk, BI=plan.bi, COL=plan.col, SCALAR=plan.scalar, EVEN=g.length % 16 == 0, I64=x.numel() >= 2**31 - 2**24,
-        TENSOR_SCALE=tensor_scale, OUT_KIND=out_kind(x.dtype), INTERPRET=interp,
-        num_warps=plan.num_warps, enable_fp_fusion=False,
-    )
+    launch_block_kernel(_nvfp_kernel, x, y, q, 16, NVFP4_TILES if tensor_scale else NVF4_TILES, tile,
+                        extra=(amax,), constants={"TENSOR_SCALE": tensor_scale})
     return y
 
 

@@ -11,13 +11,24 @@ Order as in the Triton tutorials: per-tile math, kernel, launcher. Public: ``qua
 from __future__ import annotations
 
 import torch
-import triton.language as tl
 import triton
+import triton.language as tl
 
 from ...qtype import QType
 from ._common import (
-    bits_of, cast_out, check_input, col_tile3, copysign_plus, exponent_and_fraction, float_of, geometry,
-    is_interpreted, load_f32, max_keep, out_kind, plan_tiles, pow2, rhaz_small, row_tile,
+    bits_of,
+    cast_out,
+    check_input,
+    col_tile3,
+    copysign_plus,
+    exponent_and_fraction,
+    float_of,
+    launch_block_kernel,
+    load_f32,
+    max_keep,
+    pow2,
+    rhaz_small,
+    row_tile,
 )
 
 __all__ = ["quant_dequant_tmx"]
@@ -84,14 +95,5 @@ def quant_dequant_tmx(x: torch.Tensor, q: QType, tile: tuple[int, int, int] | No
     y = torch.empty_like(x)
     if x.numel() == 0:
         return y
-    g = geometry(x, q.q_dim)
-    interp = is_interpreted(x)
-    plan = plan_tiles(g, 16, 16, x.element_size(), interp, override=tile, tiles=TILES)
-    n_row_blocks = -(-g.length // 16)
-    _tmx_kernel[(plan.grid,)](
-        x, y, g.outer * n_row_blocks, n_row_blocks, g.length, g.inner, 1,
-        NBLK=plan.nblk, BI=plan.bi, COL=plan.col, SCALAR=plan.scalar, EVEN=g.length % 16 == 0, I64=x.numel() >= 2**31 - 2**24,
-        MBITS=q.man_bits, OUT_KIND=out_kind(x.dtype), INTERPRET=interp,
-        num_warps=plan.num_warps, enable_fp_fusion=False,
-    )
+    launch_block_kernel(_tmx_kernel, x, y, q, 16, TILES, tile, constants={"MBITS": q.man_bits})
     return y
