@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .config import FakeQuantConfig
-from .dispatch import quant_dequant, quant_dequant_pair
+from .dispatch import quant_dequant, quant_dequant_pair, quant_dequant_two
 from .observe import ObserverSite
 from .qtype import QType
 
@@ -173,6 +173,24 @@ def _qo(x: Tensor, q: str | None, site: ObserverSite | None, gemm: str, operand:
     return y
 
 
+def _qo_two(a: Tensor, q_a: str | None, b: Tensor, q_b: str | None, site: ObserverSite | None,
+            gemm: str | tuple[str, str], operands: tuple[int, int] = (0, 1)) -> tuple[Tensor, Tensor]:
+    """``(_qo(a, q_a, ...), _qo(b, q_b, ...))`` with one kernel launch for both where the backend fuses
+    them (``dispatch.quant_dequant_two``): a GEMM's two operands (or, in backward, the two operands that
+    dgrad and wgrad quantize from saved tensors). ``gemm``: the GEMM of each, or one for both."""
+    gemm_a, gemm_b = (gemm, gemm) if isinstance(gemm, str) else gemm
+    if not (_quantizes(a, q_a) and _quantizes(b, q_b)):
+        return _qo(a, q_a, site, gemm_a, operands[0]), _qo(b, q_b, site, gemm_b, operands[1])
+    if torch.compiler.is_compiling():
+        ya, yb = torch.ops.fakequant.gemm_operands_qdq_two(a, q_a, b, q_b)
+    else:
+        ya, yb = _quantize_operands_two(a, q_a, b, q_b)
+    if site is not None:
+        site.notify(gemm_a, site.roles[operands[0]], q_a, a, ya)
+        site.notify(gemm_b, site.roles[operands[1]], q_b, b, yb)
+    return ya, yb
+
+
 def _qo_grad(g: Tensor, plan: GemmPlan, site: ObserverSite | None, dgrad: bool, wgrad: bool
              ) -> tuple[Tensor | None, Tensor | None]:
     """``grad_output`` for dgrad (along N) and wgrad (along M), each only if needed. When both are quantized
@@ -215,6 +233,26 @@ def _quantize_operand_pair(x: Tensor, qtype_a: str, qtype_b: str) -> tuple[Tenso
         return a.contiguous(), b.contiguous()
     finally:
         _QUANTIZING.depth -= 1
+
+
+def _quantize_operands_two(a: Tensor, q_a: str, b: Tensor, q_b: str) -> tuple[Tensor, Tensor]:
+    _QUANTIZING.depth = getattr(_QUANTIZING, "depth", 0) + 1
+    try:
+        ya, yb = quant_dequant_two(a, _parse(q_a), b, _parse(q_b))
+        return ya.contiguous(), yb.contiguous()
+    finally:
+        _QUANTIZING.depth -= 1
+
+
+@torch.library.custom_op("fakequant::gemm_operands_qdq_two", mutates_args=())
+def _gemm_operands_qdq_two(a: Tensor, q_a: str, b: Tensor, q_b: str) -> tuple[Tensor, Tensor]:
+    return _quantize_operands_two(a, q_a, b, q_b)
+
+
+@_gemm_operands_qdq_two.register_fake
+def _(a: Tensor, q_a: str, b: Tensor, q_b: str) -> tuple[Tensor, Tensor]:
+    return (torch.empty(a.shape, dtype=a.dtype, device=a.device),
+            torch.empty(b.shape, dtype=b.dtype, device=b.device))
 
 
 @torch.library.custom_op("fakequant::gemm_operand_qdq", mutates_args=())
@@ -298,7 +336,8 @@ class _QuantLinear(torch.autograd.Function):
         ctx.save_for_backward(x, weight)
         ctx.plan, ctx.site = plan, site
         ctx.bias_shape = None if bias is None else bias.shape
-        return _linear(_qo(x, plan.a_fprop, site, "fprop", 0), _qo(weight, plan.b_fprop, site, "fprop", 1), bias)
+        xq, wq = _qo_two(x, plan.a_fprop, weight, plan.b_fprop, site, "fprop")
+        return _linear(xq, wq, bias)
 
     @staticmethod
     def backward(ctx, dy: Tensor):
@@ -306,12 +345,15 @@ class _QuantLinear(torch.autograd.Function):
         plan, site = ctx.plan, ctx.site
         dy2 = dy.reshape(-1, dy.shape[-1])  # [M, N]
         dx = dw = db = None
-        dy_d, dy_w = _qo_grad(dy2, plan, site, ctx.needs_input_grad[0], ctx.needs_input_grad[1])
-        if ctx.needs_input_grad[0]:
-            dx = dy_d.mm(_qo(weight, plan.b_dgrad, site, "dgrad", 1)).view(x.shape)  # [M, K] -> x's shape
-        if ctx.needs_input_grad[1]:
-            x2 = x.reshape(-1, x.shape[-1])  # [M, K]
-            dw = dy_w.t().mm(_qo(x2, plan.a_wgrad, site, "wgrad", 0))  # [N, K]
+        dgrad, wgrad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        dy_d, dy_w = _qo_grad(dy2, plan, site, dgrad, wgrad)
+        x2 = x.reshape(-1, x.shape[-1])  # [M, K]
+        w_d, x_w = _qo_two(weight, plan.b_dgrad if dgrad else None, x2, plan.a_wgrad if wgrad else None, site,
+                           ("dgrad", "wgrad"), operands=(1, 0))
+        if dgrad:
+            dx = dy_d.mm(w_d).view(x.shape)  # [M, K] -> x's shape
+        if wgrad:
+            dw = dy_w.t().mm(x_w)  # [N, K]
         if ctx.bias_shape is not None and ctx.needs_input_grad[2]:
             db = dy2.sum_to_size(ctx.bias_shape)
         return dx, dw, db, None, None  # None: plan, site

@@ -23,7 +23,8 @@ implementation and by the reference; any bitwise difference (NaN equal to NaN, -
 the implementation for that key for the rest of the process.
 
 Public: ``quant_dequant``, ``register``, ``describe``, ``select``, ``Implementation``, ``BACKENDS``,
-``reset_self_tests``; ``quant_dequant_pair`` (one tensor, two formats/axes, one pass where a kernel fuses it).
+``reset_self_tests``; ``quant_dequant_pair`` (one tensor, two formats/axes, one pass where a kernel fuses it);
+``quant_dequant_two`` (two tensors, one launch where a kernel fuses them).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from .formats import REFERENCE_IMPLS, as_qtype, check_input, reference_quant_deq
 from .qtype import FAMILIES, QType
 
 __all__ = [
-    "quant_dequant", "quant_dequant_pair", "register", "describe", "select", "Implementation", "BACKENDS",
+    "quant_dequant", "quant_dequant_pair", "quant_dequant_two", "register", "describe", "select", "Implementation", "BACKENDS",
     "reset_self_tests", "set_backend_status", "canary", "ENV_BACKEND", "TRITON_KERNELS",
 ]
 
@@ -273,37 +274,66 @@ def quant_dequant_pair(x: Tensor, q_a: QType | str, q_b: QType | str, backend: s
     impl_b = select(x, q_b, backend)
     if impl_a.backend == impl_b.backend == "triton" and x.numel() > 0 and q_a.family == q_b.family == "mx":
         mod = _triton_module("mx")
-        if mod.fusable_pair(x, q_a, q_b):
-            passed, why = _self_test_pair(mod, x, q_a, q_b)
-            if passed:
-                return mod.quant_dequant_mx_pair(x, q_a, q_b)
-            if backend is not None or _env_backend() is not None:
-                raise RuntimeError(f"the fused Triton pair kernel failed its self-test for {q_a.desc!r}, "
-                                   f"{q_b.desc!r}: {why}")
-            key = ("pair", q_a.desc, q_b.desc, x.dtype)
-            if key not in _STATE.warned:
-                _STATE.warned.add(key)
-                warnings.warn(f"fakequant: the fused Triton pair kernel for {q_a.desc!r}, {q_b.desc!r} failed its "
-                              f"self-test and is not used (two separate kernels instead): {why}", RuntimeWarning,
-                              stacklevel=2)
+        if mod.fusable_pair(x, q_a, q_b) and _fused_self_test("pair", mod, x, q_a, q_b, backend):
+            return mod.quant_dequant_mx_pair(x, q_a, q_b)
     return quant_dequant(x, q_a, impl_a.backend), quant_dequant(x, q_b, impl_b.backend)
 
 
-def _self_test_pair(mod, x: Tensor, q_a: QType, q_b: QType) -> tuple[bool, str]:
-    key = ("triton-pair", x.device.type, q_a.desc, q_b.desc, x.dtype)
+def quant_dequant_two(x_a: Tensor, q_a: QType | str, x_b: Tensor, q_b: QType | str, backend: str | None = None
+                      ) -> tuple[Tensor, Tensor]:
+    """``(quant_dequant(x_a, q_a), quant_dequant(x_b, q_b))``, bit for bit, in one kernel launch where one
+    fuses them: Triton, two MX formats, tensors of one dtype on one device (a GEMM's two operands). Saves the
+    host one launch per pair, which is what a training step of small operands is limited by. Otherwise, two
+    calls. The fused launch has its own self-test; a refusal falls back to two calls with a warning, or
+    raises when ``backend`` (or ``FAKEQUANT_BACKEND``) is explicit."""
+    q_a, q_b = as_qtype(q_a), as_qtype(q_b)
+    check_input(x_a, q_a)
+    check_input(x_b, q_b)
+    impl_a = select(x_a, q_a, backend)
+    impl_b = select(x_b, q_b, backend)
+    if (impl_a.backend == impl_b.backend == "triton" and q_a.family == q_b.family == "mx"
+            and x_a.dtype == x_b.dtype and x_a.device == x_b.device and x_a.numel() > 0 and x_b.numel() > 0):
+        mod = _triton_module("mx")
+        if _fused_self_test("two", mod, x_a, q_a, q_b, backend):
+            return mod.quant_dequant_mx_two(x_a, q_a, x_b, q_b)
+    return quant_dequant(x_a, q_a, impl_a.backend), quant_dequant(x_b, q_b, impl_b.backend)
+
+
+def _fused_self_test(kind: str, mod, x: Tensor, q_a: QType, q_b: QType, backend: str | None) -> bool:
+    """Whether the fused Triton ``kind`` ("pair": one tensor, two axes; "two": two tensors) passes its
+    self-test for these formats on ``x``'s device and dtype; a failure warns once (or raises when the
+    backend is explicit) and the caller runs the separate kernels."""
+    key = (kind, x.device.type, q_a, q_b, x.dtype)
     result = _STATE.self_tests.get(key)
     if result is None:
-        try:
-            c = canary(q_a, x.dtype, x.device)
+        result = _STATE.self_tests[key] = _run_fused_self_test(kind, mod, x, q_a, q_b)
+    passed, why = result
+    if passed:
+        return True
+    if backend is not None or _env_backend() is not None:
+        raise RuntimeError(f"the fused Triton {kind} kernel failed its self-test for {q_a.desc!r}, {q_b.desc!r}: {why}")
+    if key not in _STATE.warned:
+        _STATE.warned.add(key)
+        warnings.warn(f"fakequant: the fused Triton {kind} kernel for {q_a.desc!r}, {q_b.desc!r} failed its "
+                      f"self-test and is not used (separate kernels instead): {why}", RuntimeWarning, stacklevel=3)
+    return False
+
+
+def _run_fused_self_test(kind: str, mod, x: Tensor, q_a: QType, q_b: QType) -> tuple[bool, str]:
+    try:
+        if kind == "pair":  # the canary through both of its last two axes, in x's axis order
+            c_a = c_b = canary(q_a, x.dtype, x.device)
             a_axis, b_axis = q_a.q_dim % x.dim(), q_b.q_dim % x.dim()
             qa, qb = q_a.dim(-1 if a_axis > b_axis else 0), q_b.dim(-1 if b_axis > a_axis else 0)
-            got_a, got_b = mod.quant_dequant_mx_pair(c, qa, qb)
-            bad = _mismatches(got_a, reference_quant_dequant(c, qa)) or _mismatches(got_b, reference_quant_dequant(c, qb))
-            result = (not bad, bad or "passed")
-        except Exception as err:
-            result = (False, f"{type(err).__name__}: {err}")
-        _STATE.self_tests[key] = result
-    return result
+            got_a, got_b = mod.quant_dequant_mx_pair(c_a, qa, qb)
+        else:  # a canary per format, each along its own axis of a 2-D canary
+            c_a, c_b = canary(q_a, x.dtype, x.device), canary(q_b, x.dtype, x.device)
+            qa, qb = q_a.dim(-1 if q_a.q_dim == -1 else 0), q_b.dim(-1 if q_b.q_dim == -1 else 0)
+            got_a, got_b = mod.quant_dequant_mx_two(c_a, qa, c_b, qb)
+        bad = _mismatches(got_a, reference_quant_dequant(c_a, qa)) or _mismatches(got_b, reference_quant_dequant(c_b, qb))
+        return not bad, bad or "passed"
+    except Exception as err:  # noqa: BLE001 - a kernel that cannot run is refused, with the reason
+        return False, f"{type(err).__name__}: {err}"
 
 
 # ---------------------------------------------------------------------------------------------- self-test
@@ -411,9 +441,9 @@ def describe(file=None) -> str:
     if _STATE.self_tests:
         lines.append("self-tests:")
         for key, (ok, why) in sorted(_STATE.self_tests.items(), key=str):
-            if key[0] == "triton-pair":
-                _, dev, fmt_a, fmt_b, dtype = key
-                what = f"triton fused pair {fmt_a} + {fmt_b}"
+            if key[0] in ("pair", "two"):
+                kind, dev, q_a, q_b, dtype = key
+                what = f"triton fused {kind} {q_a.desc} + {q_b.desc}"
             else:
                 backend, _, dev, fmt, dtype = key
                 what = f"{backend} {fmt}"

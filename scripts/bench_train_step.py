@@ -98,10 +98,13 @@ def profile_steps(recipe: str, step, device: torch.device, top: int, n: int = 3)
             step()
         _sync(device)
     events = prof.key_averages()
-    kernels = [e for e in events if getattr(e, "self_device_time_total", 0) > 0]
+    # device-side events (kernels, memcpy/memset), not the host ops that launched them
+    kernels = [e for e in events if str(getattr(e, "device_type", "")).endswith(("CUDA", "XPU", "PrivateUse1"))]
     busy = sum(e.self_device_time_total for e in kernels) / n / 1e3
     print(f"\n[{recipe}] device-kernel time {busy:.1f} ms/step, host issue time {host * 1e3:.1f} ms/step, "
           f"{sum(e.count for e in kernels) // n} kernels/step")
+    quant = sum(e.self_device_time_total for e in kernels if "_kernel" in e.key and e.key.startswith("_")) / n / 1e3
+    print(f"  of which fakequant's Triton kernels: {quant:.2f} ms/step")
     for e in sorted(kernels, key=lambda e: -e.self_device_time_total)[:top]:
         per = e.self_device_time_total / n / 1e3
         print(f"  {per:7.2f} ms  {e.count // n:5d}x  {e.key[:110]}")

@@ -160,6 +160,41 @@ def test_describe_prints_the_table(capsys):
 
 
 @needs_triton
+def test_quant_dequant_two_matches_two_calls():
+    x, w = torch.randn(70, 96), torch.randn(36, 96)
+    qa, qb = QType("mxfp8e4m3"), QType("mxfp4").dim(0)
+    a, b = dispatch.quant_dequant_two(x, qa, w, qb, backend="triton")
+    assert bitwise_mismatches(a, reference_quant_dequant(x, qa)) == 0
+    assert bitwise_mismatches(b, reference_quant_dequant(w, qb)) == 0
+    assert "fused two" in dispatch.describe(file=open(os.devnull, "w"))
+    # not fusable (a hif8 operand; mixed dtypes): two calls, same numbers
+    a, b = dispatch.quant_dequant_two(x, QType("hif8"), w, qb, backend="triton")
+    assert bitwise_mismatches(a, reference_quant_dequant(x, QType("hif8"))) == 0
+    a, b = dispatch.quant_dequant_two(x, qa, w.bfloat16(), qb, backend="triton")
+    assert b.dtype == torch.bfloat16 and bitwise_mismatches(b, reference_quant_dequant(w.bfloat16(), qb)) == 0
+
+
+@needs_triton
+def test_broken_two_tensor_kernel_is_refused_by_its_self_test(monkeypatch):
+    import fakequant.kernels.triton.mx as mx_kernels
+
+    real = mx_kernels.quant_dequant_mx_two
+
+    def one_ulp_off(x_a, q_a, x_b, q_b):
+        y_a, y_b = real(x_a, q_a, x_b, q_b)
+        return y_a, torch.nextafter(y_b, torch.full_like(y_b, float("inf")))
+
+    monkeypatch.setattr(mx_kernels, "quant_dequant_mx_two", one_ulp_off)
+    dispatch.reset_self_tests()
+    try:
+        x, w = torch.randn(8, 64), torch.randn(16, 64)
+        with pytest.raises(RuntimeError, match="fused Triton two kernel failed its self-test"):
+            dispatch.quant_dequant_two(x, "mxfp8e4m3", w, "mxfp4", backend="triton")
+    finally:
+        dispatch.reset_self_tests()
+
+
+@needs_triton
 def test_quant_dequant_pair_matches_two_calls():
     x = torch.randn(70, 96)
     qa, qb = QType("mxfp8e4m3"), QType("mxfp4").dim(0)

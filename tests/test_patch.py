@@ -290,6 +290,8 @@ def test_patch_functional_leaves_torch_calls_made_by_quantizers_and_backward_alo
     monkeypatch.setattr(fq_autograd, "quant_dequant", matmul_quantizer)
     monkeypatch.setattr(fq_autograd, "quant_dequant_pair", lambda x, qa, qb: (matmul_quantizer(x, qa),
                                                                                matmul_quantizer(x, qb)))
+    monkeypatch.setattr(fq_autograd, "quant_dequant_two", lambda a, qa, b, qb: (matmul_quantizer(a, qa),
+                                                                                 matmul_quantizer(b, qb)))
     layer = nn.Linear(48, 36)
     patch(layer, MXFP8)
     a, b = torch.randn(8, 48, requires_grad=True), torch.randn(48, 36, requires_grad=True)

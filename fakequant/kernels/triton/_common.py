@@ -370,6 +370,22 @@ def plan_tiles(g: Geometry, block: int, block_pow2: int, elem_size: int, interpr
     return TilePlan(True, nblk, bi, warps, g.outer * -(-n_row_blocks // nblk) * -(-g.inner // bi))
 
 
+def block_segment(x: torch.Tensor, y: torch.Tensor, q, block: int, tiles: dict | None, tile: tuple | None,
+                  extra: tuple = ()) -> tuple[int, tuple, dict, int]:
+    """One tensor's share of a block-kernel launch: its programs, its positional arguments ``(x, y, *extra,
+    n_blocks, n_row_blocks, L, I, cs)``, its tiling constexprs and the warps its tile was measured with."""
+    g = geometry(x, q.q_dim)
+    interp = is_interpreted(x)
+    plan = plan_tiles(g, block, next_pow2(block), x.element_size(), interp, override=tile, tiles=tiles)
+    n_row_blocks = -(-g.length // block)
+    args = (x, y, *extra, g.outer * n_row_blocks, n_row_blocks, g.length, g.inner, 1)
+    consts = dict(
+        NBLK=plan.nblk, BI=plan.bi, COL=plan.col, SCALAR=plan.scalar, EVEN=g.length % block == 0,
+        I64=x.numel() >= I64_FROM, OUT_KIND=out_kind(x.dtype), INTERPRET=interp,
+    )
+    return plan.grid, args, consts, plan.num_warps
+
+
 def launch_block_kernel(kernel, x: torch.Tensor, y: torch.Tensor, q, block: int, tiles: dict | None,
                         tile: tuple | None, extra: tuple = (), constants: dict | None = None) -> None:
     """Launch a block kernel of the shared signature ``(x, y, *extra, n_blocks, n_row_blocks, L, I, cs, NBLK,
@@ -378,17 +394,8 @@ def launch_block_kernel(kernel, x: torch.Tensor, y: torch.Tensor, q, block: int,
     the prepared launch with the shape, dtype and ``tile``)."""
 
     def prepare():
-        g = geometry(x, q.q_dim)
-        interp = is_interpreted(x)
-        plan = plan_tiles(g, block, next_pow2(block), x.element_size(), interp, override=tile, tiles=tiles)
-        n_row_blocks = -(-g.length // block)
-        args = (x, y, *extra, g.outer * n_row_blocks, n_row_blocks, g.length, g.inner, 1)
-        kwargs = dict(
-            NBLK=plan.nblk, BI=plan.bi, COL=plan.col, SCALAR=plan.scalar, EVEN=g.length % block == 0,
-            I64=x.numel() >= I64_FROM, OUT_KIND=out_kind(x.dtype), INTERPRET=interp, **(constants or {}),
-            num_warps=plan.num_warps, enable_fp_fusion=False,
-        )
-        return (plan.grid,), args, kwargs
+        grid, args, consts, warps = block_segment(x, y, q, block, tiles, tile, extra)
+        return (grid,), args, dict(**consts, **(constants or {}), num_warps=warps, enable_fp_fusion=False)
 
     launch(kernel, (q, block, x.shape, x.dtype, tile), (x, y, *extra), prepare)
 

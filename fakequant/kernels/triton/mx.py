@@ -21,6 +21,7 @@ import triton.language as tl
 
 from ...qtype import QType
 from ._common import (
+    block_segment,
     I64_FROM,
     bits_of,
     cast_out,
@@ -105,6 +106,25 @@ def _mx_tile(x, EMAX: tl.constexpr, EMIN: tl.constexpr, MBITS: tl.constexpr, IS_
     return copysign_plus(out, x)  # sign from the input; -0 in gives +0 (formats.md §0)
 
 
+@triton.jit
+def _mx_program(
+    pid, x_ptr, y_ptr, n_blocks, n_row_blocks, L, I, cs,
+    B: tl.constexpr, BP: tl.constexpr, NBLK: tl.constexpr, BI: tl.constexpr, COL: tl.constexpr,
+    SCALAR: tl.constexpr, EVEN: tl.constexpr, I64: tl.constexpr,
+    EMAX: tl.constexpr, EMIN: tl.constexpr, MBITS: tl.constexpr, IS_INT: tl.constexpr, KMAX: tl.constexpr,
+    BUMP_GE: tl.constexpr, MAXV: tl.constexpr, SPLIT: tl.constexpr, SUB_AMAX: tl.constexpr,
+    ROUND: tl.constexpr, SAT: tl.constexpr, OUT_KIND: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """Program ``pid``'s tile of one tensor: load, quantize block by block, store."""
+    if COL:
+        offs, mask = col_tile(pid, n_row_blocks, L, I, cs, B, BP, NBLK, BI, SCALAR, I64)
+    else:
+        offs, mask = row_tile(pid, n_blocks, n_row_blocks, L, B, BP, NBLK, EVEN, I64)
+    x = load_f32(x_ptr + offs, mask, OUT_KIND, INTERPRET)
+    y = _mx_tile(x, EMAX, EMIN, MBITS, IS_INT, KMAX, BUMP_GE, MAXV, SPLIT, SUB_AMAX, ROUND, SAT)
+    tl.store(y_ptr + offs, cast_out(y, OUT_KIND, INTERPRET, True), mask=mask)
+
+
 @triton.jit(do_not_specialize=["cs"])
 def _mx_kernel(
     x_ptr, y_ptr,  # input and output, same dtype, contiguous
@@ -116,14 +136,37 @@ def _mx_kernel(
     BUMP_GE: tl.constexpr, MAXV: tl.constexpr, SPLIT: tl.constexpr, SUB_AMAX: tl.constexpr,
     ROUND: tl.constexpr, SAT: tl.constexpr, OUT_KIND: tl.constexpr, INTERPRET: tl.constexpr,
 ):
+    _mx_program(tl.program_id(0), x_ptr, y_ptr, n_blocks, n_row_blocks, L, I, cs, B, BP, NBLK, BI, COL, SCALAR,
+                EVEN, I64, EMAX, EMIN, MBITS, IS_INT, KMAX, BUMP_GE, MAXV, SPLIT, SUB_AMAX, ROUND, SAT, OUT_KIND,
+                INTERPRET)
+
+
+@triton.jit(do_not_specialize=["a_cs", "b_cs"])
+def _mx_two_kernel(
+    a_x_ptr, a_y_ptr, a_n_blocks, a_n_row_blocks, a_L, a_I, a_cs,  # tensor a, as _mx_kernel's arguments
+    b_x_ptr, b_y_ptr, b_n_blocks, b_n_row_blocks, b_L, b_I, b_cs,  # tensor b
+    a_programs,  # programs [0, a_programs) do tensor a, the rest tensor b
+    A_B: tl.constexpr, A_BP: tl.constexpr, A_NBLK: tl.constexpr, A_BI: tl.constexpr, A_COL: tl.constexpr,
+    A_SCALAR: tl.constexpr, A_EVEN: tl.constexpr, A_EMAX: tl.constexpr, A_EMIN: tl.constexpr,
+    A_MBITS: tl.constexpr, A_IS_INT: tl.constexpr, A_KMAX: tl.constexpr, A_BUMP_GE: tl.constexpr,
+    A_MAXV: tl.constexpr, A_SPLIT: tl.constexpr, A_SUB_AMAX: tl.constexpr, A_ROUND: tl.constexpr,
+    B_B: tl.constexpr, B_BP: tl.constexpr, B_NBLK: tl.constexpr, B_BI: tl.constexpr, B_COL: tl.constexpr,
+    B_SCALAR: tl.constexpr, B_EVEN: tl.constexpr, B_EMAX: tl.constexpr, B_EMIN: tl.constexpr,
+    B_MBITS: tl.constexpr, B_IS_INT: tl.constexpr, B_KMAX: tl.constexpr, B_BUMP_GE: tl.constexpr,
+    B_MAXV: tl.constexpr, B_SPLIT: tl.constexpr, B_SUB_AMAX: tl.constexpr, B_ROUND: tl.constexpr,
+    I64: tl.constexpr, SAT: tl.constexpr, OUT_KIND: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """Two independent MX quantizations (two tensors of one dtype, each with its own format, axis and tile)
+    in one launch: a GEMM's two operands, so a layer issues one launch where it would issue two."""
     pid = tl.program_id(0)
-    if COL:
-        offs, mask = col_tile(pid, n_row_blocks, L, I, cs, B, BP, NBLK, BI, SCALAR, I64)
+    if pid < a_programs:
+        _mx_program(pid, a_x_ptr, a_y_ptr, a_n_blocks, a_n_row_blocks, a_L, a_I, a_cs, A_B, A_BP, A_NBLK, A_BI,
+                    A_COL, A_SCALAR, A_EVEN, I64, A_EMAX, A_EMIN, A_MBITS, A_IS_INT, A_KMAX, A_BUMP_GE, A_MAXV,
+                    A_SPLIT, A_SUB_AMAX, A_ROUND, SAT, OUT_KIND, INTERPRET)
     else:
-        offs, mask = row_tile(pid, n_blocks, n_row_blocks, L, B, BP, NBLK, EVEN, I64)
-    x = load_f32(x_ptr + offs, mask, OUT_KIND, INTERPRET)
-    y = _mx_tile(x, EMAX, EMIN, MBITS, IS_INT, KMAX, BUMP_GE, MAXV, SPLIT, SUB_AMAX, ROUND, SAT)
-    tl.store(y_ptr + offs, cast_out(y, OUT_KIND, INTERPRET, True), mask=mask)
+        _mx_program(pid - a_programs, b_x_ptr, b_y_ptr, b_n_blocks, b_n_row_blocks, b_L, b_I, b_cs, B_B, B_BP,
+                    B_NBLK, B_BI, B_COL, B_SCALAR, B_EVEN, I64, B_EMAX, B_EMIN, B_MBITS, B_IS_INT, B_KMAX,
+                    B_BUMP_GE, B_MAXV, B_SPLIT, B_SUB_AMAX, B_ROUND, SAT, OUT_KIND, INTERPRET)
 
 
 @triton.jit
@@ -228,6 +271,39 @@ def quant_dequant_mx(x: torch.Tensor, q: QType, tile: tuple[int, int, int] | Non
     launch_block_kernel(_mx_kernel, x, y, q, block, TILES, tile,
                         constants=dict(B=block, BP=next_pow2(block), **mx_constants(q), SAT=saturation(x.dtype)))
     return y
+
+
+def quant_dequant_mx_two(x_a: torch.Tensor, q_a: QType, x_b: torch.Tensor, q_b: QType
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(quant_dequant_mx(x_a, q_a), quant_dequant_mx(x_b, q_b))`` in one launch (``_mx_two_kernel``): two
+    tensors of one dtype on one device, e.g. a GEMM's input and weight. Bit for bit the two separate calls."""
+    if q_a.family != "mx" or q_b.family != "mx":
+        raise ValueError(f"quant_dequant_mx_two: expected two e<E>m<M>k<K>b<B> QTypes, got {q_a.desc!r}, {q_b.desc!r}")
+    if x_a.dtype != x_b.dtype or x_a.device != x_b.device:
+        raise ValueError(f"quant_dequant_mx_two: the tensors must share dtype and device, got {x_a.dtype} on "
+                         f"{x_a.device} and {x_b.dtype} on {x_b.device}")
+    x_a = check_input(x_a, q_a.q_dim, "quant_dequant_mx_two")
+    x_b = check_input(x_b, q_b.q_dim, "quant_dequant_mx_two")
+    y_a, y_b = torch.empty_like(x_a), torch.empty_like(x_b)
+    if x_a.numel() == 0 or x_b.numel() == 0:
+        return quant_dequant_mx(x_a, q_a), quant_dequant_mx(x_b, q_b)
+
+    def prepare():
+        kwargs, grids, args, warps, i64 = {}, [], [], [], False
+        for tag, x, y, q in (("A", x_a, y_a, q_a), ("B", x_b, y_b, q_b)):
+            grid, seg_args, consts, seg_warps = block_segment(x, y, q, q.blk_size, TILES, None)
+            grids.append(grid)
+            args.extend(seg_args)
+            warps.append(seg_warps)
+            i64 = i64 or consts.pop("I64")
+            shared = {k: consts.pop(k) for k in ("OUT_KIND", "INTERPRET")}  # one dtype, one device
+            fmt = dict(B=q.blk_size, BP=next_pow2(q.blk_size), **consts, **mx_constants(q))
+            kwargs.update({f"{tag}_{k}": v for k, v in fmt.items()})
+        kwargs.update(I64=i64, SAT=saturation(x_a.dtype), **shared, num_warps=max(warps), enable_fp_fusion=False)
+        return (grids[0] + grids[1],), (*args, grids[0]), kwargs
+
+    launch(_mx_two_kernel, (q_a, q_b, x_a.shape, x_b.shape, x_a.dtype), (x_a, y_a, x_b, y_b), prepare)
+    return y_a, y_b
 
 
 def _pair_axes(x: torch.Tensor, q_a: QType, q_b: QType) -> tuple[int, int] | None:

@@ -162,7 +162,8 @@ def tensor_amax(x: torch.Tensor) -> torch.Tensor:
     def prepare():
         interp = is_interpreted(x)
         block = (1 << 16) if interp else 8192
-        kwargs = {"BLOCK": block, "I64": n >= I64_FROM, "IN_KIND": out_kind(x.dtype), "INTERPRET": interp, "num_warps": 8}
+        kwargs = {"BLOCK": block, "I64": n >= I64_FROM, "IN_KIND": out_kind(x.dtype), "INTERPRET": interp,
+                  "num_warps": 8}
         return (triton.cdiv(n, block),), (x, out, n), kwargs
 
     launch(_finite_amax_kernel, ("amax", x.shape, x.dtype), (x, out), prepare)
