@@ -92,6 +92,8 @@ def dump_rows(dump_dir: str | Path) -> list[dict]:
     step, layer (first appearance), GEMM, role."""
     dump_dir = Path(dump_dir)
     manifest = read_manifest(dump_dir)
+    if not manifest:
+        raise ValueError(f"{dump_dir}: its manifest.jsonl lists no dump files (nothing was dumped)")
     layer_order = list(OrderedDict.fromkeys(m["layer"] for m in manifest))
     rows = []
     for m in manifest:

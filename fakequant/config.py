@@ -5,8 +5,12 @@ A config names a QType (or ``None`` = high precision) per role of a linear layer
 ``fakequant.patch`` selects. It is frozen and validated on construction: a bad field raises ``ValueError``
 or ``TypeError`` naming the field, the value and what is allowed (DESIGN.md, "Words"; STYLE.md item 2).
 
+A config may also carry ``observers`` (``fakequant.observe``, e.g. a ``fakequant.saver.TensorSaver``), which
+``patch``, ``patch_functional`` and the Lightning callback attach with the ones they are given. They are
+run-time objects, not formats: they take no part in equality, hashing, ``repr`` or ``to_dict``.
+
 Public: ``FakeQuantConfig``, ``ROLES``, ``GEMM_OVERRIDES``, ``ATTENTION_ROLES``, ``FIDELITIES``,
-``DEFAULT_EXCLUDE``, ``RECIPE_DIR``, ``recipe_names``.
+``DEFAULT_EXCLUDE``, ``RUNTIME_FIELDS``, ``RECIPE_DIR``, ``recipe_names``.
 """
 
 from __future__ import annotations
@@ -17,11 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Union
 
+from .observe import Observer, check_observers
 from .qtype import QType
 
 __all__ = [
     "FakeQuantConfig", "ROLES", "GEMM_OVERRIDES", "ATTENTION_ROLES", "FIDELITIES", "DEFAULT_EXCLUDE",
-    "RECIPE_DIR", "recipe_names",
+    "RUNTIME_FIELDS", "RECIPE_DIR", "recipe_names",
 ]
 
 ROLES = ("input", "weight", "grad_output")
@@ -38,6 +43,8 @@ FIDELITIES = ("faithful", "reference")
 # Output heads keep high precision by default (embeddings are not nn.Linear and are never patched).
 DEFAULT_EXCLUDE = (r"(^|\.)(lm_head|head|output|output_layer|embed_out|classifier)$",)
 FILTER_FIELDS = ("include", "exclude")
+# Fields that are not data: left out of to_dict and refused by from_dict / YAML recipes.
+RUNTIME_FIELDS = ("observers",)
 # recipes/ at the top of a checkout; a built wheel carries the same files as fakequant/recipes/.
 RECIPE_DIR = next(
     (d for d in (Path(__file__).resolve().parent.parent / "recipes", Path(__file__).resolve().parent / "recipes")
@@ -112,8 +119,19 @@ def _validate_filters(name: str, value: Any) -> tuple[ModuleFilter, ...]:
     return tuple(value)
 
 
-def _validate_keys(keys: Any, where: str) -> None:
-    allowed = [f.name for f in dataclasses.fields(FakeQuantConfig)]
+def _validate_observers(value: Any) -> tuple[Observer, ...]:
+    return tuple(check_observers(value, "FakeQuantConfig.observers"))
+
+
+def _validate_keys(keys: Any, where: str, serialised: bool = False) -> None:
+    """Known field names only; ``serialised``: data fields only (observers cannot come from a dict/YAML)."""
+    allowed = [f.name for f in dataclasses.fields(FakeQuantConfig) if not (serialised and f.name in RUNTIME_FIELDS)]
+    runtime = [k for k in keys if serialised and k in RUNTIME_FIELDS]
+    if runtime:
+        raise ValueError(
+            f"{where}: {', '.join(map(repr, runtime))} cannot be serialised (run-time objects); pass them as "
+            f"FakeQuantConfig(..., observers=...) or config.replace(observers=...)"
+        )
     unknown = [k for k in keys if k not in allowed]
     if unknown:
         raise ValueError(f"{where}: unknown key(s) {', '.join(map(repr, unknown))}; allowed: {', '.join(allowed)}")
@@ -140,6 +158,14 @@ class FakeQuantConfig:
     ``include`` / ``exclude``: which ``nn.Linear`` modules ``patch`` selects, as regexes searched in the
     fully-qualified name or callables ``(name, module) -> bool``. Empty ``include`` selects every Linear;
     ``exclude`` defaults to output-head names (``lm_head``, ``head``, ``output``, ...).
+
+    ``observers``: callables ``(OperandEvent) -> None`` (``fakequant.observe``; a ``TensorSaver``, a
+    ``NumericsMonitor``) that ``patch``, ``patch_functional`` and ``FakeQuantCallback`` attach in addition to
+    their own ``observers`` argument (an observer given both ways is attached once). They ride along with the
+    config so that whoever builds it decides what is watched, but they are not part of what it describes:
+    two configs that differ only in observers are equal and hash alike (so plan caches are shared), and
+    ``repr``, ``to_dict`` and recipes leave them out. ``replace`` keeps them unless told otherwise. The
+    ``quant_*`` functions of ``fakequant.autograd`` do not use them (they have no layer name to report).
     """
 
     input: QType | str | None = None
@@ -157,6 +183,7 @@ class FakeQuantConfig:
     fidelity: str = "faithful"
     include: tuple[ModuleFilter, ...] = ()
     exclude: tuple[ModuleFilter, ...] = field(default=DEFAULT_EXCLUDE)
+    observers: tuple[Observer, ...] = field(default=(), compare=False, repr=False)
 
     def __post_init__(self) -> None:
         for name in FORMAT_FIELDS:
@@ -164,6 +191,7 @@ class FakeQuantConfig:
         object.__setattr__(self, "fidelity", _validate_fidelity(self.fidelity))
         for name in FILTER_FIELDS:
             object.__setattr__(self, name, _validate_filters(name, getattr(self, name)))
+        object.__setattr__(self, "observers", _validate_observers(self.observers))
 
     # ------------------------------------------------------------------------------------------ queries
     def format_for(self, gemm: str, role: str) -> QType | None:
@@ -198,13 +226,14 @@ class FakeQuantConfig:
         return not any(_matches(f, name, module) for f in self.exclude)
 
     def replace(self, **changes: Any) -> FakeQuantConfig:
-        """A copy with some fields changed (validated again)."""
+        """A copy with some fields changed (validated again); ``observers`` too (kept when not given)."""
         _validate_keys(changes, "FakeQuantConfig.replace")
         return dataclasses.replace(self, **changes)
 
     # ------------------------------------------------------------------------------------ (de)serialise
     def to_dict(self) -> dict[str, Any]:
-        """Plain data: formats as canonical strings (or None), filters as lists. Callables stay callables."""
+        """Plain data: formats as canonical strings (or None), filters as lists. Callables stay callables.
+        ``observers`` are left out (run-time objects, not part of the config's identity)."""
         out: dict[str, Any] = {name: _fmt(getattr(self, name)) for name in FORMAT_FIELDS}
         out["fidelity"] = self.fidelity
         for name in FILTER_FIELDS:
@@ -215,7 +244,7 @@ class FakeQuantConfig:
     def from_dict(cls, data: dict[str, Any]) -> FakeQuantConfig:
         if not isinstance(data, dict):
             raise TypeError(f"FakeQuantConfig.from_dict needs a dict, got {type(data).__name__}")
-        _validate_keys(data, "FakeQuantConfig.from_dict")
+        _validate_keys(data, "FakeQuantConfig.from_dict", serialised=True)
         return cls(**data)
 
     @classmethod

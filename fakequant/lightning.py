@@ -11,9 +11,10 @@ What it does, hook by hook (the shape of Lightning's ``ModelPruning``):
 * ``__init__`` validates every argument; a bad one raises ``ValueError``/``TypeError`` naming it and listing
   what is allowed (the recipe names, ...). Nothing touches the model yet.
 * ``setup`` patches the LightningModule once (``fakequant.patch``: every selected ``nn.Linear`` changes class in
-  place; ``forward`` is never wrapped), before the optimizers are configured, with the monitor (and the
-  saver, if given) as observers. Functional matmul/SDPA calls are not patched here: call them inside
-  ``fakequant.patch_functional`` in the module's own code.
+  place; ``forward`` is never wrapped), before the optimizers are configured, with the monitor, the saver
+  (if given) and the config's own ``observers`` (``FakeQuantConfig.observers``) as observers. Functional
+  matmul/SDPA calls are not patched here: call them inside ``fakequant.patch_functional`` in the module's
+  own code.
 * Quantization is off (plain GEMMs, bit for bit) while ``trainer.global_step < start_step`` (a
   high-precision warm-up) and on from ``start_step``; validation runs in whichever state training is in.
 * Every ``monitor_every_n_steps`` steps the monitor's statistics go to the Lightning loggers on rank zero
@@ -81,7 +82,9 @@ class FakeQuantCallback(Callback):
             NaN/inf check still runs).
         stop_on_nonfinite: stop training after the step in which a patched GEMM first sees a NaN/inf.
         saver: an observer (e.g. ``fakequant.saver.TensorSaver``) attached with the monitor; its ``step(n)``
-            is called at each training step and its ``close()`` at teardown, when it has them.
+            is called at each training step and its ``close()`` at teardown, when it has them. Observers in
+            the config (``FakeQuantConfig.observers``) are attached too and stepped and closed alike, so a
+            saver can come with the config instead.
         verbose: print the patch report (rank zero).
     """
 
@@ -134,6 +137,21 @@ class FakeQuantCallback(Callback):
     def _observers(self) -> list:
         return [self.monitor] + ([self.saver] if self.saver is not None else [])
 
+    def _stepped(self) -> list:
+        """The saver and the config's observers, each once: the ones told the step and closed (the monitor
+        has its own calls)."""
+        out: list = []
+        for obs in ([self.saver] if self.saver is not None else []) + list(self.config.observers):
+            if obs is not self.monitor and all(obs is not o for o in out):
+                out.append(obs)
+        return out
+
+    def _close_observers(self) -> None:
+        for obs in self._stepped():
+            close = getattr(obs, "close", None)  # TensorSaver: no dumps until the next step(n)
+            if callable(close):
+                close()
+
     def _patch(self, pl_module: pl.LightningModule) -> None:
         already = [n for n, m in pl_module.named_modules() if isinstance(m, FakeQuantLinear)]
         if already:
@@ -164,9 +182,7 @@ class FakeQuantCallback(Callback):
             if len(self.report):
                 unpatch(pl_module)
             self._module = None
-            close = getattr(self.saver, "close", None)
-            if callable(close):
-                close()
+            self._close_observers()
 
     def _set_quantization(self, step: int) -> None:
         if self._module is None or not len(self.report):
@@ -192,9 +208,10 @@ class FakeQuantCallback(Callback):
         step = trainer.global_step
         self._set_quantization(step)
         self.monitor.step(step)
-        step_fn = getattr(self.saver, "step", None)
-        if callable(step_fn):
-            step_fn(step)
+        for obs in self._stepped():
+            step_fn = getattr(obs, "step", None)
+            if callable(step_fn):
+                step_fn(step)
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
@@ -215,9 +232,7 @@ class FakeQuantCallback(Callback):
 
     def on_validation_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.monitor.active = False  # the monitor and the saver describe training steps
-        close = getattr(self.saver, "close", None)  # TensorSaver: no dumps until the next step(n)
-        if callable(close):
-            close()
+        self._close_observers()
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self.monitor.active = True

@@ -7,7 +7,8 @@
 * ``unpatch(model)`` gives every patched module its original class back.
 * Observers (``fakequant.observe``): ``patch(model, config, observers=(obs,))`` stores them on each patched
   module with its fully-qualified name; ``attach_observer(model, obs)`` / ``detach_observer(model, obs)``
-  add and remove them later; ``patch_functional(config, observers=...)`` does the same for a block.
+  add and remove them later; ``patch_functional(config, observers=...)`` does the same for a block. Both
+  also attach ``config.observers`` (the config's own, first; an observer given both ways once).
 * ``with patch_functional(config):`` routes ``torch.matmul``, ``torch.bmm``, ``torch.baddbmm``,
   ``F.linear`` and ``F.scaled_dot_product_attention`` calls made inside the block (Megatron-style attention,
   Hugging Face SDPA attention) through ``fakequant.autograd``, and restores them on exit, exceptions
@@ -122,13 +123,13 @@ def patch(model: nn.Module, config: FakeQuantConfig, observers: Sequence[Observe
     """Fake-quantize every selected ``nn.Linear`` of ``model`` in place; returns a ``PatchReport``.
 
     Selected: ``nn.Linear`` modules (and subclasses that do not override ``forward``) whose fully-qualified
-    name passes ``config.include`` / ``config.exclude``. ``observers`` are called with an ``OperandEvent`` for
-    every operand each patched layer quantizes (``fakequant.observe``). Raises ``RuntimeError`` if ``model``
-    is already patched.
+    name passes ``config.include`` / ``config.exclude``. ``config.observers`` and ``observers`` (each observer
+    once) are called with an ``OperandEvent`` for every operand each patched layer quantizes
+    (``fakequant.observe``). Raises ``RuntimeError`` if ``model`` is already patched.
     """
     _check_model(model, "patch")
     _ag._check_config(config, "patch")
-    observers = check_observers(observers, "patch")
+    observers = _all_observers(config, observers, "patch")
     already = [name for name, m in model.named_modules() if isinstance(m, FakeQuantLinear)]
     if already:
         shown = ", ".join(repr(n) for n in already[:3]) + (", ..." if len(already) > 3 else "")
@@ -211,6 +212,16 @@ def _same(a: Observer, b: Observer) -> bool:
     # Identity, except that bound methods are made afresh at each attribute access (``events.append``).
     bound = (types.MethodType, types.BuiltinMethodType)
     return a is b or (isinstance(a, bound) and isinstance(b, bound) and a == b)
+
+
+def _all_observers(config: FakeQuantConfig, observers: Sequence[Observer], where: str) -> list[Observer]:
+    """The config's observers, then those of the ``observers`` argument that are not among them: a saver put
+    in the config and also passed to ``patch`` must not dump every operand twice."""
+    merged = list(config.observers)
+    for observer in check_observers(observers, where):
+        if not any(_same(o, observer) for o in merged):
+            merged.append(observer)
+    return merged
 
 
 def attach_observer(model: nn.Module, observer: Observer) -> list[str]:
@@ -348,7 +359,8 @@ def patch_functional(
     ``nn.Linear`` run inside the block is quantized too, whatever ``config.exclude`` says; pass
     ``ops=("bmm", "baddbmm")`` (say) to quantize attention only.
 
-    ``observers`` see every operand quantized inside the block, with layer ``""``.
+    ``config.observers`` and ``observers`` (each observer once) see every operand quantized inside the
+    block, with layer ``""``.
     """
     _ag._check_config(config, "patch_functional")
     if isinstance(ops, str) or not all(isinstance(op, str) for op in ops):
@@ -356,7 +368,7 @@ def patch_functional(
     unknown = [op for op in ops if op not in FUNCTIONAL_OPS]
     if unknown:
         raise ValueError(f"patch_functional: unknown op(s) {unknown!r}; allowed: {', '.join(FUNCTIONAL_OPS)}")
-    observers = check_observers(observers, "patch_functional")
+    observers = _all_observers(config, observers, "patch_functional")
     wrappers = _make_wrappers(config, ObserverSite("", observers) if observers else None)
     saved = []
     try:

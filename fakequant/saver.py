@@ -1,13 +1,15 @@
 """Tensor dumps: the operands of chosen GEMMs at chosen steps on chosen ranks, as safetensors files.
 
 ``TensorSaver`` is an observer (``fakequant.observe``): hand it to ``fakequant.patch(model, config,
-observers=(saver,))``, to ``fakequant.patch.attach_observer(model, saver)`` (or ``saver.attach(model)``), or to
-the Lightning callback (``FakeQuantCallback(saver=saver)``), and tell it the step: the callback does, a plain
-loop calls ``saver.step(n)`` at the start of each training step. Each selected operand of each selected GEMM
-becomes one file::
+observers=(saver,))``, put it in the config (``config.replace(observers=(saver,))``, which ``patch``,
+``patch_functional`` and the Lightning callback use), attach it to a patched model
+(``fakequant.patch.attach_observer(model, saver)`` or ``saver.attach(model)``), or give it to the Lightning
+callback (``FakeQuantCallback(saver=saver)``); and tell it the step: the callback does (for a saver in its
+config too), a plain loop calls ``saver.step(n)`` at the start of each training step. Each selected operand
+of each selected GEMM becomes one file::
 
     out_dir/rank_{r}/step_{s:06d}/{layer}.{gemm}.{role}.safetensors
-    out_dir/rank_{r}/manifest.jsonl
+    out_dir/manifest.jsonl
 
 ``{layer}`` is the module's fully-qualified name with every character outside ``[A-Za-z0-9_.-]`` replaced by
 ``_`` (and, when anything was replaced or the name is empty, as for ``patch_functional`` calls, a ``-`` and
@@ -19,17 +21,22 @@ gives layer, GEMM, role, step, rank, the format with its axis (``qtype``, ``axis
 encoding (``packed``). ``load(path)`` reads a file back (no pickle anywhere) and ``load(path).decode()``
 rebuilds the quantized tensor from the codes, bit for bit.
 
-**Manifest.** Each rank appends one JSON line per file to its own ``rank_{r}/manifest.jsonl`` after the file
-is in place (so every listed file is complete): the file's metadata plus ``path`` (relative to ``out_dir``)
-and ``bytes``. Keeping the manifest inside the rank folder means a rank writes nothing outside
-``rank_{r}/``, so ranks never share a file; ``read_manifest(out_dir)`` merges the ranks' manifests.
+**Manifest.** One ``out_dir/manifest.jsonl`` lists every file of every rank: the file's metadata plus
+``path`` (relative to ``out_dir``) and ``bytes``. A rank appends a file's line right after the file is
+renamed into place, so every listed file is complete. Ranks share this one file, so each change to it holds
+an exclusive lock: ``fcntl.flock`` on the sidecar ``manifest.jsonl.lock`` (a kept, empty file; not the
+manifest itself, which an ``overwrite`` replaces by rename), or, where ``fcntl`` does not exist, a
+``.manifest.jsonl.lock`` file created with ``O_EXCL`` that exists while held. A line goes in with one
+``os.write`` on an ``O_APPEND`` descriptor, so lines of concurrent ranks never interleave.
+``read_manifest(out_dir)`` reads it, by rank then in the order written.
 
 **Safety.** A file is written to a hidden temporary name in its folder and renamed into place, and only if
-no file has that name, so readers never see a partial file and nothing is overwritten. A rank folder that
-already holds files from an earlier run is refused with ``FileExistsError`` when the saver is made (and
-again before the rank's first file), unless ``overwrite=True``, which deletes that rank's folder before its
-first file. Once the files of a rank would exceed ``max_bytes``, the rank stops dumping, warns once and the
-run goes on.
+no file has that name, so readers never see a partial file and nothing is overwritten. A rank with an
+earlier dump in ``out_dir`` (a non-empty ``rank_{r}/`` or lines of rank ``r`` in the manifest) is refused
+with ``FileExistsError`` when the saver is made, before anything is written, and again before the rank's
+first file, unless ``overwrite=True``, which (before that first file) removes the rank's manifest lines and
+then deletes its folder; other ranks' folders and lines are left alone. Once the files of a rank would
+exceed ``max_bytes``, the rank stops dumping, warns once and the run goes on.
 
 Public: ``TensorSaver``, ``every``, ``load``, ``DumpEntry``, ``read_manifest``, ``sanitise``,
 ``save_file``, ``load_file``, ``GEMMS``, ``ROLES``, ``WHAT``.
@@ -37,6 +44,7 @@ Public: ``TensorSaver``, ``every``, ``load``, ``DumpEntry``, ``read_manifest``, 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -44,9 +52,16 @@ import re
 import shutil
 import sys
 import threading
+import time
 import warnings
+from collections import Counter
 from pathlib import Path
-from typing import Any, Callable, Iterable, NamedTuple
+from typing import Any, Callable, Iterable, Iterator, NamedTuple
+
+try:
+    import fcntl
+except ImportError:  # Windows: an O_EXCL lock file instead (_manifest_lock)
+    fcntl = None
 
 import torch
 from torch import Tensor
@@ -64,6 +79,9 @@ ROLES = OPERAND_ROLES
 WHAT = ("hp", "quantized", "packed")
 CALLS = ("first", "all")
 MANIFEST = "manifest.jsonl"
+LOCK = MANIFEST + ".lock"  # flock'd sidecar, kept
+EXCL_LOCK = "." + LOCK  # without fcntl: exists while the lock is held
+LOCK_TIMEOUT_S = 60.0  # without fcntl: how long to wait for the lock file before blaming a crashed run
 SUFFIX = ".safetensors"
 DEFAULT_MAX_BYTES = 1 << 30  # per rank
 PACKED_PREFIX = "packed."
@@ -168,6 +186,135 @@ def _write_new(path: Path, data: bytes) -> None:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
+
+
+# --------------------------------------------------------------------------------------------------------
+# The manifest: one file shared by every rank, each change under an exclusive lock
+
+_O_BINARY = getattr(os, "O_BINARY", 0)  # Windows: no newline translation
+
+
+@contextlib.contextmanager
+def _manifest_lock(out_dir: Path) -> Iterator[None]:
+    """Hold the exclusive lock of ``out_dir``'s manifest, so that appends of concurrent ranks and the
+    rewrite of ``overwrite=True`` happen one at a time.
+
+    POSIX: ``flock`` on the sidecar ``manifest.jsonl.lock``, not on the manifest: a rewrite replaces the
+    manifest by rename, and a rank that had opened the old one to wait for its lock would then append to a
+    deleted file. The sidecar is kept (deleting a flock'd file races with the next locker). Without
+    ``fcntl``: the lock is the existence of ``.manifest.jsonl.lock``, created with ``O_EXCL``."""
+    if fcntl is None:
+        path = out_dir / EXCL_LOCK
+        fd = _take_lock_file(path)
+        try:
+            yield
+        finally:
+            os.close(fd)
+            path.unlink()
+        return
+    fd = os.open(out_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing the descriptor releases the lock
+
+
+def _take_lock_file(path: Path, timeout: float | None = None) -> int:
+    """Create ``path`` exclusively, retrying while another process holds it; ``TimeoutError`` after
+    ``timeout`` seconds (default ``LOCK_TIMEOUT_S``), since only a crashed holder keeps it that long."""
+    timeout = LOCK_TIMEOUT_S if timeout is None else timeout
+    deadline, delay = time.monotonic() + timeout, 0.001
+    while True:
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | _O_BINARY, 0o644)
+        except (FileExistsError, PermissionError):  # Windows: PermissionError while the holder deletes it
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"TensorSaver: the manifest lock {path} has been held for over {timeout:g} s; if no run is "
+                    f"writing into {path.parent}, a crashed run left it behind: delete it"
+                ) from None
+            time.sleep(delay)
+            delay = min(2 * delay, 0.05)
+        else:
+            os.write(fd, f"{os.getpid()}\n".encode())  # who holds it, for whoever finds it stale
+            return fd
+
+
+def _append_line(out_dir: Path, entry: dict) -> None:
+    """Append one manifest line: one ``os.write`` of the whole line on an ``O_APPEND`` descriptor, under
+    the lock, so lines of concurrent ranks never interleave. No fsync: the line describes a file that is
+    already in place, and a line lost to a power cut only hides that file."""
+    data = (json.dumps(entry) + "\n").encode()
+    manifest = out_dir / MANIFEST
+    with _manifest_lock(out_dir):
+        fd = os.open(manifest, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _O_BINARY, 0o644)
+        try:
+            written = os.write(fd, data)
+        finally:
+            os.close(fd)
+    if written != len(data):
+        raise OSError(f"TensorSaver: only {written} of the {len(data)} bytes of a line reached {manifest} "
+                      f"(disk full?); that line is broken")
+
+
+def _parse_manifest(manifest: Path, whole_lines_only: bool = False) -> list[tuple[dict, bytes]]:
+    """Each line of ``manifest`` as (entry, its raw bytes with newline), in file order; ``ValueError``
+    naming ``file:line`` for a line that is not a JSON object with an int ``rank`` and a str ``path``.
+    ``whole_lines_only``: skip a last line without its newline (a rank may be appending it right now)."""
+    entries = []
+    for i, raw in enumerate(manifest.read_bytes().splitlines(keepends=True), start=1):
+        if not raw.strip() or (whole_lines_only and not raw.endswith(b"\n")):
+            continue
+        try:
+            entry = json.loads(raw)
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise ValueError(f"{manifest}:{i}: not a JSON line ({err}): {raw[:80]!r}") from None
+        if not _is_entry(entry):
+            raise ValueError(f"{manifest}:{i}: not a dump-file line (needs a JSON object with an int 'rank' and "
+                             f"a str 'path'): {raw[:80]!r}")
+        entries.append((entry, raw))
+    return entries
+
+
+def _is_entry(entry: Any) -> bool:
+    rank = entry.get("rank") if isinstance(entry, dict) else None
+    return isinstance(entry, dict) and isinstance(entry.get("path"), str) and type(rank) is int
+
+
+def _listed_ranks(out_dir: Path) -> Counter:
+    """rank -> number of manifest lines (none without a manifest). Read without the lock, which would create
+    the lock file: a saver refused for an earlier dump must leave the folder exactly as it was. Appends
+    and rewrites are single writes and renames, so at most the last line is partial, and it is skipped."""
+    manifest = out_dir / MANIFEST
+    if not manifest.is_file():
+        return Counter()
+    return Counter(entry["rank"] for entry, _ in _parse_manifest(manifest, whole_lines_only=True))
+
+
+def _drop_rank_lines(out_dir: Path, rank: int) -> int:
+    """Remove the lines of ``rank`` from the manifest; returns how many. Under the lock the manifest is
+    rewritten to a temporary file and renamed over the old one, so a reader sees the old or the new
+    manifest, never half of one, and no other rank's line is lost."""
+    manifest = out_dir / MANIFEST
+    if not manifest.is_file():
+        return 0
+    with _manifest_lock(out_dir):
+        entries = _parse_manifest(manifest)
+        keep = [raw if raw.endswith(b"\n") else raw + b"\n" for entry, raw in entries if entry["rank"] != rank]
+        dropped = len(entries) - len(keep)
+        if dropped:
+            tmp = out_dir / f".{MANIFEST}.tmp{os.getpid()}"
+            try:
+                with open(tmp, "wb") as f:
+                    f.write(b"".join(keep))
+                    f.flush()
+                    os.fsync(f.fileno())  # the old lines are gone after the rename: the new ones must be there
+                os.replace(tmp, manifest)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
+    return dropped
 
 
 # --------------------------------------------------------------------------------------------------------
@@ -301,8 +448,9 @@ class TensorSaver:
         what: subset of ``hp``, ``quantized``, ``packed`` (codes and scales, for formats with an encoding).
         max_bytes: the most bytes of dump files one rank writes (``None``: no limit); the file that would
             pass it is not written, the rank stops dumping and warns once, and the run goes on.
-        overwrite: ``False`` (default) refuses a rank folder that already holds files; ``True`` deletes that
-            rank's folder before its first new file.
+        overwrite: ``False`` (default) refuses a rank with an earlier dump in ``out_dir`` (files in its
+            folder or its lines in the manifest); ``True`` removes that rank's manifest lines and deletes its
+            folder before its first new file (other ranks' folders and lines stay).
         calls: ``"first"`` (default) dumps the first call of each (layer, GEMM, role) in a step, so gradient
             accumulation and activation recomputation dump once per step; ``"all"`` dumps every call, the
             n-th (n >= 1) as ``{layer}.{gemm}.{role}.call{n}.safetensors`` (``patch_functional`` calls all
@@ -362,25 +510,35 @@ class TensorSaver:
             self._refuse_earlier_dumps()
 
     # ------------------------------------------------------------------------------------------ ranks
-    def _dumping_ranks_here(self) -> list[int]:
-        """Ranks whose folders this process may write: its own when a process group is up, else the
-        configured ones (no peer can have written before the group is up)."""
+    def _dumping_ranks_here(self, listed: Iterable[int]) -> list[int]:
+        """Ranks whose earlier dumps would stop this process: its own when a process group is up, else the
+        configured ones (``None``: every rank with a folder or ``listed`` in the manifest).
+
+        The manifest is shared, so by the time rank 1 builds its saver, rank 0 may already have listed files
+        of this very run: once the rank is known only its own lines count, never another rank's. Before the
+        process group is up no rank can have dumped yet (the group's start waits for every rank), so checking
+        the configured ranks then finds only earlier runs."""
         rank = _current_rank()
         if rank is not None:
             return [rank] if self.ranks is None or rank in self.ranks else []
         if self.ranks is None:
-            return sorted(int(p.name[5:]) for p in self.out_dir.glob("rank_*") if p.name[5:].isdigit())
+            folders = {int(p.name[5:]) for p in self.out_dir.glob("rank_*") if p.name[5:].isdigit()}
+            return sorted(folders | set(listed))
         return sorted(self.ranks)
 
     def _refuse_earlier_dumps(self, ranks: Iterable[int] | None = None) -> None:
-        for r in self._dumping_ranks_here() if ranks is None else ranks:
+        """``FileExistsError`` if one of ``ranks`` (default: ``_dumping_ranks_here``) has files in its folder
+        or lines in the manifest. Reads only: a refused saver has written nothing."""
+        listed = _listed_ranks(self.out_dir)
+        for r in self._dumping_ranks_here(listed) if ranks is None else ranks:
             folder = self.out_dir / f"rank_{r}"
-            if folder.is_dir() and any(folder.iterdir()):
+            if listed[r] or (folder.is_dir() and any(folder.iterdir())):
                 n = sum(1 for _ in folder.rglob(f"*{SUFFIX}"))
                 raise FileExistsError(
-                    f"TensorSaver: {folder} already holds a dump from an earlier run ({n} tensor files); "
-                    f"nothing was written. Choose a new out_dir, delete that folder, or pass overwrite=True "
-                    f"(which deletes {folder} before this run's first file)"
+                    f"TensorSaver: rank {r} already has a dump in {self.out_dir} from an earlier run "
+                    f"({n} tensor files in {folder}, {listed[r]} lines in {MANIFEST}); nothing was written. "
+                    f"Choose a new out_dir, delete {self.out_dir}, or pass overwrite=True (which removes rank "
+                    f"{r}'s lines from {MANIFEST} and deletes {folder} before this run's first file)"
                 )
 
     @property
@@ -470,9 +628,13 @@ class TensorSaver:
         return f"{safe}.{gemm}.{role}{extra}{SUFFIX}"
 
     def _prepare_rank_dir(self) -> Path:
+        """The rank folder, checked (or, with ``overwrite``, cleared) before the rank's first file. Only this
+        rank's lines and folder are looked at: other ranks may be listing files of this run already."""
         folder = self.out_dir / f"rank_{self._rank}"
         if self._rank_dir != folder:
             if self.overwrite:
+                # Lines first, then files: a crash in between leaves files no line lists, never the reverse.
+                _drop_rank_lines(self.out_dir, self._rank)
                 if folder.exists():
                     shutil.rmtree(folder)
             else:
@@ -539,12 +701,8 @@ class TensorSaver:
         _write_new(path, data)
         self.files.append(path)
         self.bytes_written += len(data)
-        line = json.dumps({"path": path.relative_to(self.out_dir).as_posix(), "bytes": len(data), **meta})
-        fd = os.open(self._rank_dir / MANIFEST, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-        try:
-            os.write(fd, (line + "\n").encode())  # one write of one whole line
-        finally:
-            os.close(fd)
+        # Listed only now that the file is in place: every listed file is complete.
+        _append_line(self.out_dir, {"path": path.relative_to(self.out_dir).as_posix(), "bytes": len(data), **meta})
 
     def __repr__(self) -> str:
         return (f"TensorSaver({str(self.out_dir)!r}, steps={self.steps!r}, layers={self.layers!r}, "
@@ -611,24 +769,14 @@ def load(path: str | os.PathLike) -> DumpEntry:
 
 
 def read_manifest(out_dir: str | os.PathLike) -> list[dict]:
-    """Every rank's manifest lines of a dump folder, by rank then in the order written. Each line has
-    ``path`` (relative to ``out_dir``), ``bytes`` and the file's metadata."""
+    """The lines of a dump folder's ``manifest.jsonl``, by rank, then in the order written. Each line has
+    ``path`` (relative to ``out_dir``), ``bytes`` and the file's metadata. ``ValueError`` naming
+    ``file:line`` for a line that is not a dump-file entry. Takes no lock (the folder may be read-only); a
+    line being appended at that moment may read as broken."""
     out_dir = Path(out_dir)
     if not out_dir.is_dir():
         raise FileNotFoundError(f"no dump folder {out_dir}")
-    folders = sorted((p for p in out_dir.glob("rank_*") if p.name[5:].isdigit()), key=lambda p: int(p.name[5:]))
-    entries = []
-    for folder in folders:
-        manifest = folder / MANIFEST
-        if not manifest.exists():
-            continue
-        for i, line in enumerate(manifest.read_text().splitlines()):
-            if not line.strip():
-                continue
-            try:
-                entries.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{manifest}:{i + 1}: not a JSON line ({err})") from None
-    if not entries:
-        raise FileNotFoundError(f"{out_dir} holds no rank_*/{MANIFEST}: not a fakequant dump folder")
-    return entries
+    manifest = out_dir / MANIFEST
+    if not manifest.is_file():
+        raise FileNotFoundError(f"{out_dir} holds no {MANIFEST}: not a fakequant dump folder")
+    return sorted((entry for entry, _ in _parse_manifest(manifest)), key=lambda entry: entry["rank"])  # stable

@@ -28,16 +28,20 @@ OPERANDS = (
 )
 
 
-def train_with_saver(out_dir: str | Path, capture: bool = False, **saver_kwargs):
+def train_with_saver(out_dir: str | Path, capture: bool = False, via_config: bool = False, **saver_kwargs):
     """Train ``N_STEPS`` steps of the tiny GPT with a saver on ``LAYERS`` at ``STEPS`` (overridable through
-    ``saver_kwargs``). Returns ``(saver, losses, captured)``; ``captured[(step, layer)]`` holds the layer's
-    input ``x``, ``weight``, output gradient ``dy``, input gradient ``dx`` and weight gradient ``dw`` of
-    that step, taken with hooks independent of fakequant (when ``capture``)."""
+    ``saver_kwargs``), given to ``patch`` as an observer or, with ``via_config``, in ``CONFIG.observers``.
+    Returns ``(saver, losses, captured)``; ``captured[(step, layer)]`` holds the layer's input ``x``,
+    ``weight``, output gradient ``dy``, input gradient ``dx`` and weight gradient ``dw`` of that step, taken
+    with hooks independent of fakequant (when ``capture``)."""
     torch.manual_seed(0)
     model = TinyGPT(GPT)
     kwargs = {"steps": STEPS, "layers": LAYER_REGEX, **saver_kwargs}
     saver = TensorSaver(out_dir, **kwargs)
-    patch(model, CONFIG, observers=(saver,))
+    if via_config:
+        patch(model, CONFIG.replace(observers=(saver,)))
+    else:
+        patch(model, CONFIG, observers=(saver,))
     modules = {name: model.get_submodule(name) for name in LAYERS}
     batch = synthetic_batch(GPT, 2)
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import itertools
 import json
 import os
 import pickle
@@ -13,6 +15,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
+import fakequant.saver as saver_mod
 from fakequant import FakeQuantConfig, QType, attach_observer, patch, quant_dequant
 from fakequant.saver import (
     TensorSaver, every, load, load_file, read_manifest, sanitise, save_file, serialize, deserialize,
@@ -32,7 +35,21 @@ def dump(tmp_path_factory):
 
 
 def _snapshot(folder):
-    return {p: (p.read_bytes(), p.stat().st_mtime_ns) for p in sorted(folder.rglob("*")) if p.is_file()}
+    """Every path under ``folder`` (folders too), with each file's SHA-256 and modification time."""
+    return {p: (hashlib.sha256(p.read_bytes()).hexdigest(), p.stat().st_mtime_ns) if p.is_file() else "dir"
+            for p in sorted(folder.rglob("*"))}
+
+
+def _as_rank(monkeypatch, rank):
+    """Make this process rank ``rank`` for the saver, as if a process group were up."""
+    monkeypatch.setattr(saver_mod, "_current_rank", lambda: rank)
+
+
+def _manifest_lines(out):
+    """The raw manifest lines, each checked to be whole (newline-terminated JSON)."""
+    raw = (out / "manifest.jsonl").read_bytes()
+    assert raw.endswith(b"\n")
+    return [json.loads(line) for line in raw.split(b"\n")[:-1]]
 
 
 # ------------------------------------------------------------------------------------------ layout
@@ -42,11 +59,16 @@ def test_layout_and_manifest_are_exactly_as_specified(dump):
     expected = {f"rank_0/step_{s:06d}/{layer}.{g}.{r}.safetensors" for s in STEPS for layer in LAYERS
                 for g, r in OPERANDS}
     files = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
-    assert files == expected | {"rank_0/manifest.jsonl"}  # nothing else: no temporary files
-    assert sorted(d.name for d in (out / "rank_0").iterdir() if d.is_dir()) == ["step_000001", "step_000003"]
+    # nothing else: no temporary files, no per-rank manifest; the lock is an empty sidecar
+    assert files == expected | {"manifest.jsonl", "manifest.jsonl.lock"}
+    assert (out / "manifest.jsonl.lock").stat().st_size == 0
+    assert sorted(d.name for d in (out / "rank_0").iterdir()) == ["step_000001", "step_000003"]
     manifest = read_manifest(out)
+    assert manifest == _manifest_lines(out)  # one rank: the file order is the write order
     assert [m["path"] for m in manifest] == [p.relative_to(out).as_posix() for p in saver.files]
-    assert {m["path"] for m in manifest} == expected and len(manifest) == len(expected)
+    # the manifest lists exactly the tensor files on disk, once each, with their sizes
+    on_disk = {p.relative_to(out).as_posix(): p.stat().st_size for p in out.rglob("*.safetensors")}
+    assert {m["path"]: m["bytes"] for m in manifest} == on_disk and len(manifest) == len(on_disk) == len(expected)
     for m in manifest:
         path = out / m["path"]
         assert m["bytes"] == path.stat().st_size
@@ -115,20 +137,83 @@ def test_dumped_operands_are_the_ones_the_gemms_used(dump):
 def test_a_second_run_into_the_same_folder_fails_before_touching_anything(dump):
     out, *_ = dump
     before = _snapshot(out)
-    with pytest.raises(FileExistsError, match=r"rank_0 already holds a dump .*24 tensor files.*overwrite=True"):
+    with pytest.raises(FileExistsError, match=r"rank 0 already has a dump in .*\(24 tensor files in .*rank_0, "
+                                              r"24 lines in manifest.jsonl\).*overwrite=True"):
         train_with_saver(out)
     with pytest.raises(FileExistsError, match="nothing was written"):
-        TensorSaver(out, steps=[0])
-    assert _snapshot(out) == before
+        TensorSaver(out, steps=[0], ranks=None)
+    assert _snapshot(out) == before  # every byte, every mtime, no new file or folder
 
 
-def test_overwrite_true_replaces_only_the_rank_folder(tmp_path):
+def test_the_manifest_alone_or_the_folder_alone_is_an_earlier_dump(dump, tmp_path):
+    out, *_ = dump
+    (tmp_path / "lines").mkdir()
+    (tmp_path / "lines" / "manifest.jsonl").write_bytes((out / "manifest.jsonl").read_bytes())
+    with pytest.raises(FileExistsError, match=r"rank 0 .*\(0 tensor files in .*, 24 lines in manifest.jsonl\)"):
+        TensorSaver(tmp_path / "lines", steps=[0])
+    (tmp_path / "files" / "rank_0" / "step_000001").mkdir(parents=True)
+    with pytest.raises(FileExistsError, match=r"rank 0 .*0 lines in manifest.jsonl"):
+        TensorSaver(tmp_path / "files", steps=[0])
+    TensorSaver(tmp_path / "lines", steps=[0], ranks=(1,))  # rank 1 has no earlier dump there
+    assert sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*")) == [
+        "files", "files/rank_0", "files/rank_0/step_000001", "lines", "lines/manifest.jsonl"]
+
+
+def test_overwrite_true_replaces_only_this_ranks_folder_and_lines(tmp_path, monkeypatch):
     train_with_saver(tmp_path, steps=[1])
+    _as_rank(monkeypatch, 1)
+    train_with_saver(tmp_path, steps=[1], ranks=(1,))  # rank 1 is not refused by rank 0's lines
+    lines_of_1 = [line for line in (tmp_path / "manifest.jsonl").read_bytes().splitlines() if b'"rank": 1' in line]
+    rank_1 = _snapshot(tmp_path / "rank_1")
     (tmp_path / "notes.txt").write_text("mine")
+    _as_rank(monkeypatch, 0)
+    with pytest.raises(FileExistsError, match="rank 0 already has a dump"):
+        train_with_saver(tmp_path, steps=[2])
     saver, _, _ = train_with_saver(tmp_path, steps=[2], overwrite=True)
-    assert sorted(p.name for p in (tmp_path / "rank_0").iterdir()) == ["manifest.jsonl", "step_000002"]
-    assert {m["step"] for m in read_manifest(tmp_path)} == {2} and len(saver.files) == 12
-    assert (tmp_path / "notes.txt").read_text() == "mine"
+    assert sorted(p.name for p in (tmp_path / "rank_0").iterdir()) == ["step_000002"]
+    manifest = read_manifest(tmp_path)
+    assert [(m["rank"], m["step"]) for m in manifest] == [(0, 2)] * 12 + [(1, 1)] * 12  # by rank
+    raw = (tmp_path / "manifest.jsonl").read_bytes().splitlines()
+    assert raw[:12] == lines_of_1  # rank 1's lines untouched, byte for byte, still first in the file
+    assert _snapshot(tmp_path / "rank_1") == rank_1 and (tmp_path / "notes.txt").read_text() == "mine"
+    on_disk = {p.relative_to(tmp_path).as_posix(): p.stat().st_size for p in tmp_path.rglob("*.safetensors")}
+    assert {m["path"]: m["bytes"] for m in manifest} == on_disk and len(saver.files) == 12
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary manifest left
+
+
+def test_read_manifest_names_the_bad_line(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no dump folder"):
+        read_manifest(tmp_path / "nowhere")
+    with pytest.raises(FileNotFoundError, match="holds no manifest.jsonl"):
+        read_manifest(tmp_path)
+    good = [{"rank": 1, "path": "rank_1/a"}, {"rank": 0, "path": "rank_0/b"}, {"rank": 1, "path": "rank_1/c"}]
+    text = "".join(json.dumps(m) + "\n" for m in good)
+    (tmp_path / "manifest.jsonl").write_text(text)
+    assert [m["path"] for m in read_manifest(tmp_path)] == ["rank_0/b", "rank_1/a", "rank_1/c"]
+    (tmp_path / "manifest.jsonl").write_text(text + '{"rank": 0, "pa\n')
+    with pytest.raises(ValueError, match=r"manifest.jsonl:4: not a JSON line"):
+        read_manifest(tmp_path)
+    (tmp_path / "manifest.jsonl").write_text(text + '\n["rank", 0]\n')
+    with pytest.raises(ValueError, match=r"manifest.jsonl:5: not a dump-file line .*int 'rank'"):
+        read_manifest(tmp_path)
+    with pytest.raises(ValueError, match=r"manifest.jsonl:5: not a dump-file line"):
+        TensorSaver(tmp_path, steps=[0])  # the earlier-dump check reads the manifest too
+
+
+def test_without_fcntl_an_exclusive_lock_file_guards_the_manifest(tmp_path, monkeypatch):
+    monkeypatch.setattr(saver_mod, "fcntl", None)
+    saver, _, _ = train_with_saver(tmp_path, steps=[1])
+    assert len(read_manifest(tmp_path)) == len(saver.files) == 12
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.jsonl", "rank_0"]  # lock file gone
+    (tmp_path / ".manifest.jsonl.lock").write_text("12345\n")  # left by a crashed run
+    monkeypatch.setattr(saver_mod, "LOCK_TIMEOUT_S", 0.05)
+    saver = TensorSaver(tmp_path, steps=[0], overwrite=True)  # the check itself takes no lock
+    model = nn.Sequential(nn.Linear(32, 32))
+    patch(model, FakeQuantConfig(input="mxfp4"), observers=(saver,))
+    saver.step(0)
+    with pytest.raises(TimeoutError, match=r"\.manifest\.jsonl\.lock has been held for over 0.05 s.*delete it"):
+        model(torch.randn(2, 32))  # overwrite=True rewrites the manifest under the lock before the first file
+    assert len(read_manifest(tmp_path)) == 12 and (tmp_path / "rank_0").is_dir()  # nothing was removed
 
 
 def test_max_bytes_stops_after_two_complete_files_with_one_warning(dump, tmp_path):
@@ -142,7 +227,8 @@ def test_max_bytes_stops_after_two_complete_files_with_one_warning(dump, tmp_pat
     assert "training continues" in str(mine[0].message)
     assert len(losses) == N_STEPS and saver.stopped  # the run went on
     files = sorted(p for p in tmp_path.rglob("*.safetensors"))
-    assert len(files) == 2 and len(read_manifest(tmp_path)) == 2
+    assert len(files) == 2 and [m["path"] for m in read_manifest(tmp_path)] == [
+        p.relative_to(tmp_path).as_posix() for p in saver.files]
     assert sum(p.stat().st_size for p in files) == saver.bytes_written == sizes[0] + sizes[1]
     for p in files:
         entry = load(p)  # complete: parses, and decodes to its quantized tensor
@@ -315,13 +401,14 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo")
 def test_ddp_two_ranks_write_their_own_folders(tmp_path):
     mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["rank_0", "rank_1"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.jsonl", "manifest.jsonl.lock", "rank_0", "rank_1"]
+    lines = _manifest_lines(tmp_path)
     per_rank = {}
     for r in (0, 1):
-        lines = [json.loads(x) for x in (tmp_path / f"rank_{r}" / "manifest.jsonl").read_text().splitlines()]
-        assert all(m["rank"] == r and m["path"].startswith(f"rank_{r}/") for m in lines)
+        mine = [m for m in lines if m["rank"] == r]
+        assert all(m["path"].startswith(f"rank_{r}/") for m in mine)
         on_disk = {p.relative_to(tmp_path).as_posix() for p in (tmp_path / f"rank_{r}").rglob("*.safetensors")}
-        assert {m["path"] for m in lines} == on_disk and len(on_disk) == 2 * len(LAYERS) * len(OPERANDS)
+        assert {m["path"] for m in mine} == on_disk and len(mine) == len(on_disk) == 2 * len(LAYERS) * len(OPERANDS)
         per_rank[r] = on_disk
     assert not per_rank[0] & per_rank[1]
     # same layout under each rank, different data (each rank saw its own batch)
@@ -330,3 +417,65 @@ def test_ddp_two_ranks_write_their_own_folders(tmp_path):
     x1 = load(tmp_path / "rank_1/step_000000/h.0.attn.c_attn.fprop.input.safetensors").hp
     assert not torch.equal(x0, x1)
     assert len(read_manifest(tmp_path)) == 2 * len(per_rank[0])
+
+
+N_APPEND_STEPS = 30  # x 6 operands of one Linear: 180 files and lines per rank, written while the other rank writes
+
+
+def _append_worker(rank: int, world: int, port: int, out_dir: str, lock: str) -> None:
+    """Rank 0 lists files before rank 1 builds its saver (which must not count them against it); then both
+    dump many small files at once, appending to the one manifest concurrently."""
+    if lock == "exclusive-file":
+        saver_mod.fcntl = None  # this spawned process only
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    try:
+        torch.manual_seed(rank)
+        model = nn.Sequential(nn.Linear(32, 32))
+        patch(model, FakeQuantConfig(input="mxfp4", weight="mxfp4", grad_output="mxfp8e5m2"))
+        x = torch.randn(4, 32, requires_grad=True)  # so that dgrad runs: 6 operands per step
+        saver = None
+        if rank == 0:
+            saver = TensorSaver(out_dir, steps=range(N_APPEND_STEPS), ranks=(0, 1), what=("quantized",))
+            saver.attach(model)
+            saver.step(0)
+            model(x).sum().backward()
+        dist.barrier()  # rank 0's first lines are in the manifest
+        if rank == 1:
+            assert len(read_manifest(out_dir)) == 6
+            saver = TensorSaver(out_dir, steps=range(N_APPEND_STEPS), ranks=(0, 1), what=("quantized",))
+            saver.attach(model)
+        dist.barrier()
+        for step in range(1 if rank == 0 else 0, N_APPEND_STEPS):
+            saver.step(step)
+            model(x).sum().backward()
+        assert len(saver.files) == 6 * N_APPEND_STEPS
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo")
+@pytest.mark.parametrize("lock", ["flock", "exclusive-file"])
+def test_two_processes_append_whole_lines_to_one_manifest(tmp_path, lock):
+    if lock == "flock" and saver_mod.fcntl is None:
+        pytest.skip("no fcntl on this platform")
+    mp.spawn(_append_worker, args=(2, free_port(), str(tmp_path), lock), nprocs=2, join=True)
+    lines = _manifest_lines(tmp_path)  # every line whole JSON, newline-terminated
+    assert len(lines) == 2 * 6 * N_APPEND_STEPS
+    files = {r: [m["path"] for m in lines if m["rank"] == r] for r in (0, 1)}
+    for r in (0, 1):
+        on_disk = {p.relative_to(tmp_path).as_posix(): p.stat().st_size
+                   for p in (tmp_path / f"rank_{r}").rglob("*.safetensors")}
+        assert {m["path"]: m["bytes"] for m in lines if m["rank"] == r} == on_disk
+        assert len(files[r]) == len(set(files[r])) == len(on_disk) == 6 * N_APPEND_STEPS
+        assert all(f.startswith(f"rank_{r}/") for f in files[r])
+        # each rank's lines in its write order: step by step
+        steps = [m["step"] for m in lines if m["rank"] == r]
+        assert steps == sorted(steps)
+    assert not set(files[0]) & set(files[1])
+    ranks = [m["rank"] for m in lines]
+    assert sum(a != b for a, b in itertools.pairwise(ranks)) > 2  # the ranks appended at once (~250 switches)
+    assert [m["rank"] for m in read_manifest(tmp_path)] == [0] * len(files[0]) + [1] * len(files[1])
+    leftovers = {"flock": ["manifest.jsonl.lock"], "exclusive-file": []}[lock]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["manifest.jsonl", "rank_0", "rank_1"] + leftovers)
