@@ -24,9 +24,9 @@ rebuilds the quantized tensor from the codes, bit for bit.
 **Manifest.** One ``out_dir/manifest.jsonl`` lists every file of every rank: the file's metadata plus
 ``path`` (relative to ``out_dir``) and ``bytes``. A rank appends a file's line right after the file is
 renamed into place, so every listed file is complete. Ranks share this one file, so each change to it holds
-an exclusive lock: ``fcntl.flock`` on the sidecar ``manifest.jsonl.lock`` (a kept, empty file; not the
-manifest itself, which an ``overwrite`` replaces by rename), or, where ``fcntl`` does not exist, a
-``.manifest.jsonl.lock`` file created with ``O_EXCL`` that exists while held. A line goes in with one
+an exclusive lock: ``fcntl.flock`` on the manifest itself (re-checked after an ``overwrite`` replaced it
+by rename), or, where ``fcntl`` does not exist, a ``.manifest.jsonl.lock`` file created with ``O_EXCL``
+that exists only while held. A line goes in with one
 ``os.write`` on an ``O_APPEND`` descriptor, so lines of concurrent ranks never interleave.
 ``read_manifest(out_dir)`` reads it, by rank then in the order written.
 
@@ -79,8 +79,7 @@ ROLES = OPERAND_ROLES
 WHAT = ("hp", "quantized", "packed")
 CALLS = ("first", "all")
 MANIFEST = "manifest.jsonl"
-LOCK = MANIFEST + ".lock"  # flock'd sidecar, kept
-EXCL_LOCK = "." + LOCK  # without fcntl: exists while the lock is held
+EXCL_LOCK = "." + MANIFEST + ".lock"  # without fcntl: exists while the lock is held
 LOCK_TIMEOUT_S = 60.0  # without fcntl: how long to wait for the lock file before blaming a crashed run
 SUFFIX = ".safetensors"
 DEFAULT_MAX_BYTES = 1 << 30  # per rank
@@ -195,27 +194,44 @@ _O_BINARY = getattr(os, "O_BINARY", 0)  # Windows: no newline translation
 
 
 @contextlib.contextmanager
-def _manifest_lock(out_dir: Path) -> Iterator[None]:
+def _manifest_lock(out_dir: Path) -> Iterator[int]:
     """Hold the exclusive lock of ``out_dir``'s manifest, so that appends of concurrent ranks and the
-    rewrite of ``overwrite=True`` happen one at a time.
+    rewrite of ``overwrite=True`` happen one at a time; yields a descriptor of the manifest opened for
+    appending (created if missing).
 
-    POSIX: ``flock`` on the sidecar ``manifest.jsonl.lock``, not on the manifest: a rewrite replaces the
-    manifest by rename, and a rank that had opened the old one to wait for its lock would then append to a
-    deleted file. The sidecar is kept (deleting a flock'd file races with the next locker). Without
-    ``fcntl``: the lock is the existence of ``.manifest.jsonl.lock``, created with ``O_EXCL``."""
+    POSIX: ``flock`` on the manifest itself. A rewrite replaces the manifest by rename, so a rank that opened
+    the old file and waited for its lock checks, once it holds it, that its file is still the one at that
+    path, and otherwise locks the new one. Without ``fcntl``: the lock is the existence of
+    ``.manifest.jsonl.lock``, created with ``O_EXCL`` and removed on release."""
+    manifest = out_dir / MANIFEST
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | _O_BINARY
     if fcntl is None:
-        path = out_dir / EXCL_LOCK
-        fd = _take_lock_file(path)
+        lock_path = out_dir / EXCL_LOCK
+        lock_fd = _take_lock_file(lock_path)
         try:
-            yield
+            fd = os.open(manifest, flags, 0o644)
+            try:
+                yield fd
+            finally:
+                os.close(fd)
         finally:
-            os.close(fd)
-            path.unlink()
+            os.close(lock_fd)
+            lock_path.unlink()
         return
-    fd = os.open(out_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(manifest, flags, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
+        while True:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            held = os.fstat(fd)
+            try:
+                now = os.stat(manifest)
+            except FileNotFoundError:
+                now = None
+            if now is not None and (now.st_ino, now.st_dev) == (held.st_ino, held.st_dev):
+                break
+            os.close(fd)  # replaced while this rank waited: lock the file now at that path
+            fd = os.open(manifest, flags, 0o644)
+        yield fd
     finally:
         os.close(fd)  # closing the descriptor releases the lock
 
@@ -247,12 +263,8 @@ def _append_line(out_dir: Path, entry: dict) -> None:
     already in place, and a line lost to a power cut only hides that file."""
     data = (json.dumps(entry) + "\n").encode()
     manifest = out_dir / MANIFEST
-    with _manifest_lock(out_dir):
-        fd = os.open(manifest, os.O_WRONLY | os.O_APPEND | os.O_CREAT | _O_BINARY, 0o644)
-        try:
-            written = os.write(fd, data)
-        finally:
-            os.close(fd)
+    with _manifest_lock(out_dir) as fd:
+        written = os.write(fd, data)
     if written != len(data):
         raise OSError(f"TensorSaver: only {written} of the {len(data)} bytes of a line reached {manifest} "
                       f"(disk full?); that line is broken")

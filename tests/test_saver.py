@@ -59,9 +59,8 @@ def test_layout_and_manifest_are_exactly_as_specified(dump):
     expected = {f"rank_0/step_{s:06d}/{layer}.{g}.{r}.safetensors" for s in STEPS for layer in LAYERS
                 for g, r in OPERANDS}
     files = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
-    # nothing else: no temporary files, no per-rank manifest; the lock is an empty sidecar
-    assert files == expected | {"manifest.jsonl", "manifest.jsonl.lock"}
-    assert (out / "manifest.jsonl.lock").stat().st_size == 0
+    # nothing else: no temporary files, no per-rank manifest, no lock file
+    assert files == expected | {"manifest.jsonl"}
     assert sorted(d.name for d in (out / "rank_0").iterdir()) == ["step_000001", "step_000003"]
     manifest = read_manifest(out)
     assert manifest == _manifest_lines(out)  # one rank: the file order is the write order
@@ -401,7 +400,7 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo")
 def test_ddp_two_ranks_write_their_own_folders(tmp_path):
     mp.spawn(_ddp_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.jsonl", "manifest.jsonl.lock", "rank_0", "rank_1"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.jsonl", "rank_0", "rank_1"]
     lines = _manifest_lines(tmp_path)
     per_rank = {}
     for r in (0, 1):
@@ -477,5 +476,4 @@ def test_two_processes_append_whole_lines_to_one_manifest(tmp_path, lock):
     ranks = [m["rank"] for m in lines]
     assert sum(a != b for a, b in itertools.pairwise(ranks)) > 2  # the ranks appended at once (~250 switches)
     assert [m["rank"] for m in read_manifest(tmp_path)] == [0] * len(files[0]) + [1] * len(files[1])
-    leftovers = {"flock": ["manifest.jsonl.lock"], "exclusive-file": []}[lock]
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(["manifest.jsonl", "rank_0", "rank_1"] + leftovers)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["manifest.jsonl", "rank_0", "rank_1"]  # no lock left
