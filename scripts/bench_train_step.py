@@ -81,6 +81,21 @@ def _train_step(model, opt, idx, targets) -> None:
     opt.step()
 
 
+def _host_profile(recipe: str, step, device: torch.device, top: int, n: int) -> None:
+    """The host's share: the Python functions that take the most time of their own over ``n`` steps."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(n):
+        step()
+    prof.disable()
+    _sync(device)
+    print(f"\n[{recipe}] host functions by own time over {n} steps (cProfile):")
+    pstats.Stats(prof).sort_stats("tottime").print_stats(top)
+
+
 def profile_steps(recipe: str, step, device: torch.device, top: int, n: int = 3) -> None:
     """Where a recipe's step time goes: device-kernel time per step (the GPU's busy time), host time to
     issue one step (when it exceeds the device time, the step is launch-bound), and the ``top`` kernels."""
@@ -97,6 +112,7 @@ def profile_steps(recipe: str, step, device: torch.device, top: int, n: int = 3)
         for _ in range(n):
             step()
         _sync(device)
+    _host_profile(recipe, step, device, top, n)
     events = prof.key_averages()
     # device-side events (kernels, memcpy/memset), not the host ops that launched them
     kernels = [e for e in events if str(getattr(e, "device_type", "")).endswith(("CUDA", "XPU", "PrivateUse1"))]
