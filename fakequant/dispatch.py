@@ -477,7 +477,13 @@ _TRITON_STATUS: list = []  # [(ok, reason)] once probed
 
 
 def _triton_module(name: str):
-    return importlib.import_module(f"fakequant.kernels.triton.{name}")
+    mod = _TRITON_MODULES.get(name)
+    if mod is None:  # imported on first use only; its attributes are still looked up per call
+        mod = _TRITON_MODULES[name] = importlib.import_module(f"fakequant.kernels.triton.{name}")
+    return mod
+
+
+_TRITON_MODULES: dict = {}
 
 
 def _triton_available() -> tuple[bool, str]:

@@ -19,7 +19,7 @@ import torch
 
 import fakequant
 from fakequant import QType
-from fakequant.dispatch import quant_dequant, quant_dequant_pair
+from fakequant.dispatch import quant_dequant, quant_dequant_pair, quant_dequant_two
 
 
 def per_call_us(fn, calls: int) -> float:
@@ -66,6 +66,49 @@ def backward_parts(x, w, qtype: str) -> list:
     ]
 
 
+def timed_backward(x, w, cfg, calls: int) -> None:
+    """Host time spent inside the pieces of the quantized Linear's backward (autograd runs CUDA backward
+    on its own thread, which cProfile in the main thread does not see): wall time per call of each piece."""
+    import fakequant.autograd as fa
+
+    totals: dict[str, float] = {}
+
+    def timed(name, fn):
+        def wrapper(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                totals[name] = totals.get(name, 0.0) + time.perf_counter() - t0
+        return wrapper
+
+    import fakequant.dispatch as fd
+    import fakequant.kernels.triton._launch as fl
+    import fakequant.kernels.triton.mx as fm
+
+    modules = {"_qo_grad": fa, "_qo_two": fa, "_quantize_operands_two": fa, "quant_dequant_two": fa,
+               "select": fd, "_fused_self_test": fd, "quant_dequant_mx_two": fm, "quant_dequant_mx_pair": fm,
+               "launch": fm, "_direct": fl}
+    saved = {n: getattr(m, n) for n, m in modules.items()}
+    backward = fa._QuantLinear.backward
+    for n, fn in saved.items():
+        setattr(modules[n], n, timed(n, fn))
+    fa._QuantLinear.backward = staticmethod(timed("backward (whole)", backward))
+    try:
+        xg = x.clone().requires_grad_(True)
+        fn = lambda: fakequant.quant_linear(xg, w, None, cfg).sum().backward()  # noqa: E731
+        total = per_call_us(fn, calls)
+        totals.clear()
+        total = per_call_us(fn, calls)
+    finally:
+        for n, fn in saved.items():
+            setattr(modules[n], n, fn)
+        fa._QuantLinear.backward = backward
+    print(f"  quant_linear fwd+bwd {total:.1f} µs per call; inside it, per call:")
+    for name, t in totals.items():
+        print(f"    {t / (calls + 20) * 1e6:8.1f} µs  {name}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--qtype", default="mxfp8e4m3")
@@ -89,6 +132,7 @@ def main() -> None:
         ("quant_dequant(x, q) dim -1", lambda: quant_dequant(x, q)),
         ("quant_dequant(x, q) dim 0", lambda: quant_dequant(x, q0)),
         ("quant_dequant_pair(x, q, q0)", lambda: quant_dequant_pair(x, q, q0)),
+        ("quant_dequant_two(x, q, w, q0)", lambda: quant_dequant_two(x, q, w.detach(), q0)),
         ("F.linear bf16 fwd", lambda: torch.nn.functional.linear(x, w)),
         ("quant_linear fwd (mxfp8 recipe)", lambda: fakequant.quant_linear(x, w, None, cfg)),
         ("F.linear fwd+bwd", lambda: torch.nn.functional.linear(xg, w).sum().backward()),
@@ -97,6 +141,7 @@ def main() -> None:
     rows += backward_parts(x, w, args.qtype)
     for name, fn in rows:
         print(f"  {per_call_us(fn, args.calls):8.1f} µs  {name}")
+    timed_backward(x, w, cfg, args.calls)
     if args.cprofile:
         for name, fn in (("quant_dequant", lambda: quant_dequant(x, q)),
                          ("quant_linear fwd+bwd (main thread only)",

@@ -44,6 +44,7 @@ class _Prepared(NamedTuple):
 
 
 _CACHE: dict[tuple, _Prepared] = {}
+_TRITON: list = []  # [triton.knobs, triton.runtime.driver.driver] once direct_launch_supported() said yes
 _STATS = {"direct": 0, "ordinary": 0}
 
 
@@ -53,7 +54,7 @@ def direct_launch_supported() -> tuple[bool, str]:
     if os.environ.get(ENV_DIRECT, "1").strip().lower() in ("0", "false", "no", "off"):
         return False, f"{ENV_DIRECT} is off"
     try:
-        from triton import knobs  # noqa: F401
+        from triton import knobs
         from triton.runtime.jit import JITFunction
 
         source = inspect.getsource(JITFunction.run)
@@ -63,6 +64,9 @@ def direct_launch_supported() -> tuple[bool, str]:
                 "launch_metadata,"), "*bound_args.values())")
     if not all(" ".join(part.split()) in " ".join(source.split()) for part in expected):
         return False, "this Triton launches kernels differently from the direct path"
+    from triton.runtime.driver import driver
+
+    _TRITON[:] = [knobs, driver]  # what _direct uses, looked up once
     return True, ""
 
 
@@ -78,8 +82,7 @@ def launch_stats() -> dict[str, int]:
 def launch(kernel, key: Hashable, tensors: tuple[torch.Tensor, ...],
            prepare: Callable[[], tuple[tuple[int, ...], tuple, dict]]) -> None:
     """Launch ``kernel`` on ``tensors`` (see the module docstring); ``prepare() -> (grid, args, kwargs)``."""
-    first = tensors[0]
-    direct = first.device.type == "cuda" and direct_launch_supported()[0]
+    direct = tensors[0].is_cuda and direct_launch_supported()[0]
     if direct:
         device = torch.cuda.current_device()
         full_key = (kernel, key, device) + tuple(t.data_ptr() % 16 for t in tensors)
@@ -123,9 +126,7 @@ def _prepare_direct(kernel, compiled, grid, args, kwargs, tensors) -> _Prepared 
 
 
 def _direct(p: _Prepared, tensors: tuple[torch.Tensor, ...], device: int) -> None:
-    from triton import knobs  # already imported by then: a dictionary lookup
-    from triton.runtime.driver import driver
-
+    knobs, driver = _TRITON
     values = list(p.values)
     for slot, owner in p.slots:
         values[slot] = tensors[owner]
