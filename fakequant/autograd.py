@@ -38,7 +38,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .config import FakeQuantConfig
-from .dispatch import quant_dequant, quant_dequant_pair, quant_dequant_two
+from .dispatch import quant_dequant, quant_dequant_pair, quant_dequant_pair_two, quant_dequant_two
 from .observe import ObserverSite
 from .qtype import QType
 
@@ -191,6 +191,22 @@ def _qo_two(a: Tensor, q_a: str | None, b: Tensor, q_b: str | None, site: Observ
     return ya, yb
 
 
+def _qo_backward(dy: Tensor, weight: Tensor, x: Tensor, plan: GemmPlan, site: ObserverSite | None
+                 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Every backward operand of a Linear, all quantized: dY for dgrad and wgrad, W for dgrad, X for wgrad,
+    in one kernel launch where the backend fuses them (``dispatch.quant_dequant_pair_two``)."""
+    if torch.compiler.is_compiling():
+        outs = torch.ops.fakequant.gemm_backward_qdq(dy, plan.g_dgrad, plan.g_wgrad, weight, plan.b_dgrad, x,
+                                                     plan.a_wgrad)
+    else:
+        outs = _quantize_backward(dy, plan.g_dgrad, plan.g_wgrad, weight, plan.b_dgrad, x, plan.a_wgrad)
+    if site is not None:
+        for (gemm, operand, q, t), y in zip((("dgrad", 2, plan.g_dgrad, dy), ("wgrad", 2, plan.g_wgrad, dy),
+                                            ("dgrad", 1, plan.b_dgrad, weight), ("wgrad", 0, plan.a_wgrad, x)), outs):
+            site.notify(gemm, site.roles[operand], q, t, y)
+    return outs
+
+
 def _qo_grad(g: Tensor, plan: GemmPlan, site: ObserverSite | None, dgrad: bool, wgrad: bool
              ) -> tuple[Tensor | None, Tensor | None]:
     """``grad_output`` for dgrad (along N) and wgrad (along M), each only if needed. When both are quantized
@@ -242,6 +258,28 @@ def _quantize_operands_two(a: Tensor, q_a: str, b: Tensor, q_b: str) -> tuple[Te
         return ya.contiguous(), yb.contiguous()
     finally:
         _QUANTIZING.depth -= 1
+
+
+def _quantize_backward(dy: Tensor, q_dd: str, q_dw: str, w: Tensor, q_w: str, x: Tensor, q_x: str
+                       ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    _QUANTIZING.depth = getattr(_QUANTIZING, "depth", 0) + 1
+    try:
+        outs = quant_dequant_pair_two(dy, _parse(q_dd), _parse(q_dw), w, _parse(q_w), x, _parse(q_x))
+        return tuple(t.contiguous() for t in outs)
+    finally:
+        _QUANTIZING.depth -= 1
+
+
+@torch.library.custom_op("fakequant::gemm_backward_qdq", mutates_args=())
+def _gemm_backward_qdq(dy: Tensor, q_dd: str, q_dw: str, w: Tensor, q_w: str, x: Tensor, q_x: str
+                       ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return _quantize_backward(dy, q_dd, q_dw, w, q_w, x, q_x)
+
+
+@_gemm_backward_qdq.register_fake
+def _(dy: Tensor, q_dd: str, q_dw: str, w: Tensor, q_w: str, x: Tensor, q_x: str
+      ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    return tuple(torch.empty(t.shape, dtype=t.dtype, device=t.device) for t in (dy, dy, w, x))
 
 
 @torch.library.custom_op("fakequant::gemm_operands_qdq_two", mutates_args=())
@@ -346,10 +384,14 @@ class _QuantLinear(torch.autograd.Function):
         dy2 = dy.reshape(-1, dy.shape[-1])  # [M, N]
         dx = dw = db = None
         dgrad, wgrad = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        dy_d, dy_w = _qo_grad(dy2, plan, site, dgrad, wgrad)
         x2 = x.reshape(-1, x.shape[-1])  # [M, K]
-        w_d, x_w = _qo_two(weight, plan.b_dgrad if dgrad else None, x2, plan.a_wgrad if wgrad else None, site,
-                           ("dgrad", "wgrad"), operands=(1, 0))
+        if dgrad and wgrad and all(_quantizes(t, q) for t, q in ((dy2, plan.g_dgrad), (dy2, plan.g_wgrad),
+                                                                 (weight, plan.b_dgrad), (x2, plan.a_wgrad))):
+            dy_d, dy_w, w_d, x_w = _qo_backward(dy2, weight, x2, plan, site)
+        else:
+            dy_d, dy_w = _qo_grad(dy2, plan, site, dgrad, wgrad)
+            w_d, x_w = _qo_two(weight, plan.b_dgrad if dgrad else None, x2, plan.a_wgrad if wgrad else None, site,
+                               ("dgrad", "wgrad"), operands=(1, 0))
         if dgrad:
             dx = dy_d.mm(w_d).view(x.shape)  # [M, K] -> x's shape
         if wgrad:

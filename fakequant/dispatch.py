@@ -24,7 +24,7 @@ the implementation for that key for the rest of the process.
 
 Public: ``quant_dequant``, ``register``, ``describe``, ``select``, ``Implementation``, ``BACKENDS``,
 ``reset_self_tests``; ``quant_dequant_pair`` (one tensor, two formats/axes, one pass where a kernel fuses it);
-``quant_dequant_two`` (two tensors, one launch where a kernel fuses them).
+``quant_dequant_two`` (two tensors, one launch where a kernel fuses them); ``quant_dequant_pair_two`` (both).
 """
 
 from __future__ import annotations
@@ -44,7 +44,8 @@ from .formats import REFERENCE_IMPLS, as_qtype, check_input, reference_quant_deq
 from .qtype import FAMILIES, QType
 
 __all__ = [
-    "quant_dequant", "quant_dequant_pair", "quant_dequant_two", "register", "describe", "select", "Implementation", "BACKENDS",
+    "quant_dequant", "quant_dequant_pair", "quant_dequant_two", "quant_dequant_pair_two", "register", "describe",
+    "select", "Implementation", "BACKENDS",
     "reset_self_tests", "set_backend_status", "canary", "ENV_BACKEND", "TRITON_KERNELS",
 ]
 
@@ -299,14 +300,35 @@ def quant_dequant_two(x_a: Tensor, q_a: QType | str, x_b: Tensor, q_b: QType | s
     return quant_dequant(x_a, q_a, impl_a.backend), quant_dequant(x_b, q_b, impl_b.backend)
 
 
-def _fused_self_test(kind: str, mod, x: Tensor, q_a: QType, q_b: QType, backend: str | None) -> bool:
+def quant_dequant_pair_two(g: Tensor, q_ga: QType | str, q_gb: QType | str, x_a: Tensor, q_a: QType | str,
+                           x_b: Tensor, q_b: QType | str, backend: str | None = None) -> tuple[Tensor, ...]:
+    """``(*quant_dequant_pair(g, q_ga, q_gb), *quant_dequant_two(x_a, q_a, x_b, q_b))``, bit for bit, in one
+    kernel launch where one fuses all four: Triton, MX formats, a fusable pair on ``g``, one dtype and
+    device. That is a Linear's whole backward quantization (grad_output for dgrad and wgrad, the weight for
+    dgrad, the input for wgrad). Otherwise the pair and the two, each fused where it can be. The fused
+    launch has its own self-test, as the pair's."""
+    q_ga, q_gb, q_a, q_b = (as_qtype(q) for q in (q_ga, q_gb, q_a, q_b))
+    for t, q in ((g, q_ga), (g, q_gb), (x_a, q_a), (x_b, q_b)):
+        check_input(t, q)
+    impls = [select(t, q, backend) for t, q in ((g, q_ga), (g, q_gb), (x_a, q_a), (x_b, q_b))]
+    if (all(i.backend == "triton" for i in impls) and all(q.family == "mx" for q in (q_ga, q_gb, q_a, q_b))
+            and g.dtype == x_a.dtype == x_b.dtype and g.device == x_a.device == x_b.device
+            and min(g.numel(), x_a.numel(), x_b.numel()) > 0):
+        mod = _triton_module("mx")
+        if mod.fusable_pair(g, q_ga, q_gb) and _fused_self_test("pair_two", mod, g, q_ga, q_gb, backend, (q_a, q_b)):
+            return mod.quant_dequant_mx_pair_two(g, q_ga, q_gb, x_a, q_a, x_b, q_b)
+    return (*quant_dequant_pair(g, q_ga, q_gb, backend), *quant_dequant_two(x_a, q_a, x_b, q_b, backend))
+
+
+def _fused_self_test(kind: str, mod, x: Tensor, q_a: QType, q_b: QType, backend: str | None,
+                     more: tuple[QType, ...] = ()) -> bool:
     """Whether the fused Triton ``kind`` ("pair": one tensor, two axes; "two": two tensors) passes its
     self-test for these formats on ``x``'s device and dtype; a failure warns once (or raises when the
     backend is explicit) and the caller runs the separate kernels."""
-    key = (kind, x.device.type, q_a, q_b, x.dtype)
+    key = (kind, x.device.type, q_a, q_b, x.dtype, *more)
     result = _STATE.self_tests.get(key)
     if result is None:
-        result = _STATE.self_tests[key] = _run_fused_self_test(kind, mod, x, q_a, q_b)
+        result = _STATE.self_tests[key] = _run_fused_self_test(kind, mod, x, q_a, q_b, more)
     passed, why = result
     if passed:
         return True
@@ -319,19 +341,33 @@ def _fused_self_test(kind: str, mod, x: Tensor, q_a: QType, q_b: QType, backend:
     return False
 
 
-def _run_fused_self_test(kind: str, mod, x: Tensor, q_a: QType, q_b: QType) -> tuple[bool, str]:
+def _run_fused_self_test(kind: str, mod, x: Tensor, q_a: QType, q_b: QType, more: tuple[QType, ...] = ()
+                         ) -> tuple[bool, str]:
+    """Canaries through the fused kernel ``kind`` against the reference: for a pair, one canary along both of
+    its last two axes in ``x``'s axis order; for each single tensor, a 2-D canary along its own axis."""
+
+    def single(q: QType) -> tuple[Tensor, QType]:
+        return canary(q, x.dtype, x.device), q.dim(-1 if q.q_dim == -1 else 0)
+
     try:
-        if kind == "pair":  # the canary through both of its last two axes, in x's axis order
-            c_a = c_b = canary(q_a, x.dtype, x.device)
+        cases = []  # (canary, QType) per output, in the kernel's output order
+        if kind in ("pair", "pair_two"):
+            c = canary(q_a, x.dtype, x.device)
             a_axis, b_axis = q_a.q_dim % x.dim(), q_b.q_dim % x.dim()
-            qa, qb = q_a.dim(-1 if a_axis > b_axis else 0), q_b.dim(-1 if b_axis > a_axis else 0)
-            got_a, got_b = mod.quant_dequant_mx_pair(c_a, qa, qb)
-        else:  # a canary per format, each along its own axis of a 2-D canary
-            c_a, c_b = canary(q_a, x.dtype, x.device), canary(q_b, x.dtype, x.device)
-            qa, qb = q_a.dim(-1 if q_a.q_dim == -1 else 0), q_b.dim(-1 if q_b.q_dim == -1 else 0)
-            got_a, got_b = mod.quant_dequant_mx_two(c_a, qa, c_b, qb)
-        bad = _mismatches(got_a, reference_quant_dequant(c_a, qa)) or _mismatches(got_b, reference_quant_dequant(c_b, qb))
-        return not bad, bad or "passed"
+            cases += [(c, q_a.dim(-1 if a_axis > b_axis else 0)), (c, q_b.dim(-1 if b_axis > a_axis else 0))]
+            args = (c, cases[0][1], cases[1][1])
+            if kind == "pair_two":
+                cases += [single(q) for q in more]
+                args += (cases[2][0], cases[2][1], cases[3][0], cases[3][1])
+            got = getattr(mod, f"quant_dequant_mx_{kind}")(*args)
+        else:  # two
+            cases = [single(q_a), single(q_b)]
+            got = mod.quant_dequant_mx_two(cases[0][0], cases[0][1], cases[1][0], cases[1][1])
+        for out, (c, q) in zip(got, cases):
+            bad = _mismatches(out, reference_quant_dequant(c, q))
+            if bad:
+                return False, f"{q.desc}: {bad}"
+        return True, "passed"
     except Exception as err:  # noqa: BLE001 - a kernel that cannot run is refused, with the reason
         return False, f"{type(err).__name__}: {err}"
 
@@ -441,9 +477,10 @@ def describe(file=None) -> str:
     if _STATE.self_tests:
         lines.append("self-tests:")
         for key, (ok, why) in sorted(_STATE.self_tests.items(), key=str):
-            if key[0] in ("pair", "two"):
-                kind, dev, q_a, q_b, dtype = key
-                what = f"triton fused {kind} {q_a.desc} + {q_b.desc}"
+            if key[0] in ("pair", "two", "pair_two"):
+                kind, dev, *qs = key
+                dtype = qs.pop(2)
+                what = f"triton fused {kind} " + " + ".join(q.desc for q in qs)
             else:
                 backend, _, dev, fmt, dtype = key
                 what = f"{backend} {fmt}"

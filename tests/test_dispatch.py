@@ -175,6 +175,20 @@ def test_quant_dequant_two_matches_two_calls():
 
 
 @needs_triton
+def test_quant_dequant_pair_two_matches_separate_calls():
+    dy, w, x = torch.randn(70, 36), torch.randn(36, 96), torch.randn(70, 96)
+    qs = (QType("e5m2k8b32"), QType("e5m2k8b32").dim(0), QType("mxfp8e4m3").dim(0), QType("mxfp4").dim(0))
+    outs = dispatch.quant_dequant_pair_two(dy, qs[0], qs[1], w, qs[2], x, qs[3], backend="triton")
+    for out, t, q in zip(outs, (dy, dy, w, x), qs):
+        assert bitwise_mismatches(out, reference_quant_dequant(t, q)) == 0
+    assert "fused pair_two" in dispatch.describe(file=open(os.devnull, "w"))
+    # a non-MX operand: the pair and the two separately, same numbers
+    outs = dispatch.quant_dequant_pair_two(dy, qs[0], qs[1], w, QType("hif8"), x, qs[3], backend="triton")
+    assert bitwise_mismatches(outs[2], reference_quant_dequant(w, QType("hif8"))) == 0
+    assert bitwise_mismatches(outs[1], reference_quant_dequant(dy, qs[1])) == 0
+
+
+@needs_triton
 def test_broken_two_tensor_kernel_is_refused_by_its_self_test(monkeypatch):
     import fakequant.kernels.triton.mx as mx_kernels
 

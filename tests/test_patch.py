@@ -292,6 +292,8 @@ def test_patch_functional_leaves_torch_calls_made_by_quantizers_and_backward_alo
                                                                                matmul_quantizer(x, qb)))
     monkeypatch.setattr(fq_autograd, "quant_dequant_two", lambda a, qa, b, qb: (matmul_quantizer(a, qa),
                                                                                  matmul_quantizer(b, qb)))
+    monkeypatch.setattr(fq_autograd, "quant_dequant_pair_two", lambda g, qga, qgb, a, qa, b, qb: (
+        matmul_quantizer(g, qga), matmul_quantizer(g, qgb), matmul_quantizer(a, qa), matmul_quantizer(b, qb)))
     layer = nn.Linear(48, 36)
     patch(layer, MXFP8)
     a, b = torch.randn(8, 48, requires_grad=True), torch.randn(48, 36, requires_grad=True)

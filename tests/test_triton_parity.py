@@ -522,3 +522,40 @@ def test_gpu_two_tensors_in_one_launch_exact():
             total += x_a.numel() + x_b.numel()
     print(f"GPU two-tensor launch: {total} outputs, {bad} mismatches ({torch.cuda.get_device_name()})")
     assert bad == 0
+
+
+@pytest.mark.parametrize("qg,qa,qb", [("e5m2k8b32", "mxfp8e4m3:dim=0", "mxfp8e4m3:dim=0"),
+                                      ("mxfp4", "e0m7k8b32c:dim=0", "e4m3k8b16:scale=rceil:dim=0")])
+def test_pair_and_two_in_one_launch_match_reference_exact(qg, qa, qb):
+    """A Linear's backward in one launch: grad_output along N and along M, weight and input along their
+    own axes; each output equals its own reference, whatever the dtype, and either order of the pair."""
+    device = _device()
+    from fakequant.kernels.triton.mx import quant_dequant_mx_pair_two
+
+    for k, dtype in enumerate(DTYPES):
+        g = adversarial((70, 96), dtype, seed=zlib.crc32(f"p2/g/{qg}/{k}".encode())).to(device)
+        x_a = adversarial((96, 40), dtype, seed=zlib.crc32(f"p2/a/{qa}/{k}".encode())).to(device)
+        x_b = adversarial((70, 40), dtype, seed=zlib.crc32(f"p2/b/{qb}/{k}".encode())).to(device)
+        q_n, q_m, q_a, q_b = QType(qg), QType(qg).dim(-2), QType(qa), QType(qb)
+        for order in ((q_n, q_m), (q_m, q_n)):
+            outs = quant_dequant_mx_pair_two(g, *order, x_a, q_a, x_b, q_b)
+            for out, (t, q) in zip(outs, ((g, order[0]), (g, order[1]), (x_a, q_a), (x_b, q_b))):
+                assert bitwise_mismatches(out, reference_quant_dequant(t, q)) == 0, (q, dtype)
+
+
+@pytest.mark.cuda
+def test_gpu_pair_and_two_in_one_launch_exact():
+    if not torch.cuda.is_available() or INTERPRETED:
+        pytest.skip("needs a CUDA GPU with compiled (not interpreted) Triton")
+    from fakequant.kernels.triton.mx import quant_dequant_mx_pair_two
+
+    total = bad = 0
+    for dtype in DTYPES:
+        g, w, x = (_gpu_adversarial(s, dtype) for s in ((8192, 3072), (3072, 768), (8192, 768)))
+        qs = (QType("e5m2k8b32"), QType("e5m2k8b32").dim(-2), QType("mxfp8e4m3").dim(-2), QType("mxfp4").dim(-2))
+        outs = quant_dequant_mx_pair_two(g, qs[0], qs[1], w, qs[2], x, qs[3])
+        for out, t, q in zip(outs, (g, g, w, x), qs):
+            bad += bitwise_mismatches(out, reference_quant_dequant(t, q))
+            total += t.numel()
+    print(f"GPU pair + two in one launch: {total} outputs, {bad} mismatches ({torch.cuda.get_device_name()})")
+    assert bad == 0

@@ -170,11 +170,9 @@ def _mx_two_kernel(
 
 
 @triton.jit
-def _mx_pair_kernel(
-    x_ptr, ya_ptr, yb_ptr,  # input [batch, M, N] contiguous; outputs along N (last axis) and along M
-    M, N,  # the last two sizes
-    R: tl.constexpr, C: tl.constexpr,  # tile rows (a multiple of BB) and columns (a multiple of BA)
-    BA: tl.constexpr, BB: tl.constexpr,  # block sizes along N (output a) and along M (output b)
+def _mx_pair_program(
+    pid, x_ptr, ya_ptr, yb_ptr, M, N,
+    R: tl.constexpr, C: tl.constexpr, BA: tl.constexpr, BB: tl.constexpr,
     A_EMAX: tl.constexpr, A_EMIN: tl.constexpr, A_MBITS: tl.constexpr, A_IS_INT: tl.constexpr,
     A_KMAX: tl.constexpr, A_BUMP_GE: tl.constexpr, A_MAXV: tl.constexpr, A_SPLIT: tl.constexpr,
     A_SUB_AMAX: tl.constexpr, A_ROUND: tl.constexpr,
@@ -185,7 +183,6 @@ def _mx_pair_kernel(
 ):
     """One read of an [R, C] tile, two quantizations: blocks of BA along the rows (the tile viewed as
     [R * C / BA, BA]) and blocks of BB down the columns (viewed as [R / BB, BB, C]); two writes."""
-    pid = tl.program_id(0)
     n_c = cdiv(N, C)
     n_r = cdiv(M, R)
     pc = pid % n_c
@@ -205,6 +202,67 @@ def _mx_pair_kernel(
     yb = _mx_tile(tl.reshape(x, [R // BB, BB, C]), B_EMAX, B_EMIN, B_MBITS, B_IS_INT, B_KMAX, B_BUMP_GE,
                   B_MAXV, B_SPLIT, B_SUB_AMAX, B_ROUND, SAT)
     tl.store(yb_ptr + offs, cast_out(tl.reshape(yb, [R, C]), OUT_KIND, INTERPRET, True), mask=mask)
+
+
+@triton.jit
+def _mx_pair_kernel(
+    x_ptr, ya_ptr, yb_ptr,  # input [batch, M, N] contiguous; outputs along N (last axis) and along M
+    M, N,  # the last two sizes
+    R: tl.constexpr, C: tl.constexpr,  # tile rows (a multiple of BB) and columns (a multiple of BA)
+    BA: tl.constexpr, BB: tl.constexpr,  # block sizes along N (output a) and along M (output b)
+    A_EMAX: tl.constexpr, A_EMIN: tl.constexpr, A_MBITS: tl.constexpr, A_IS_INT: tl.constexpr,
+    A_KMAX: tl.constexpr, A_BUMP_GE: tl.constexpr, A_MAXV: tl.constexpr, A_SPLIT: tl.constexpr,
+    A_SUB_AMAX: tl.constexpr, A_ROUND: tl.constexpr,
+    B_EMAX: tl.constexpr, B_EMIN: tl.constexpr, B_MBITS: tl.constexpr, B_IS_INT: tl.constexpr,
+    B_KMAX: tl.constexpr, B_BUMP_GE: tl.constexpr, B_MAXV: tl.constexpr, B_SPLIT: tl.constexpr,
+    B_SUB_AMAX: tl.constexpr, B_ROUND: tl.constexpr,
+    SAT: tl.constexpr, I64: tl.constexpr, OUT_KIND: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    _mx_pair_program(tl.program_id(0), x_ptr, ya_ptr, yb_ptr, M, N, R, C, BA, BB, A_EMAX, A_EMIN, A_MBITS,
+                     A_IS_INT, A_KMAX, A_BUMP_GE, A_MAXV, A_SPLIT, A_SUB_AMAX, A_ROUND, B_EMAX, B_EMIN, B_MBITS,
+                     B_IS_INT, B_KMAX, B_BUMP_GE, B_MAXV, B_SPLIT, B_SUB_AMAX, B_ROUND, SAT, I64, OUT_KIND,
+                     INTERPRET)
+
+
+@triton.jit(do_not_specialize=["a_cs", "b_cs"])
+def _mx_pair_two_kernel(
+    g_ptr, ga_ptr, gb_ptr, M, N,  # a pair: g [batch, M, N] along N (ga) and along M (gb), as _mx_pair_kernel
+    a_x_ptr, a_y_ptr, a_n_blocks, a_n_row_blocks, a_L, a_I, a_cs,  # tensor a, as _mx_kernel's arguments
+    b_x_ptr, b_y_ptr, b_n_blocks, b_n_row_blocks, b_L, b_I, b_cs,  # tensor b
+    pair_programs, a_programs,  # programs [0, pair) do the pair, [pair, pair + a) tensor a, the rest b
+    R: tl.constexpr, C: tl.constexpr, BA: tl.constexpr, BB: tl.constexpr,
+    GA_EMAX: tl.constexpr, GA_EMIN: tl.constexpr, GA_MBITS: tl.constexpr, GA_IS_INT: tl.constexpr,
+    GA_KMAX: tl.constexpr, GA_BUMP_GE: tl.constexpr, GA_MAXV: tl.constexpr, GA_SPLIT: tl.constexpr,
+    GA_SUB_AMAX: tl.constexpr, GA_ROUND: tl.constexpr,
+    GB_EMAX: tl.constexpr, GB_EMIN: tl.constexpr, GB_MBITS: tl.constexpr, GB_IS_INT: tl.constexpr,
+    GB_KMAX: tl.constexpr, GB_BUMP_GE: tl.constexpr, GB_MAXV: tl.constexpr, GB_SPLIT: tl.constexpr,
+    GB_SUB_AMAX: tl.constexpr, GB_ROUND: tl.constexpr,
+    A_B: tl.constexpr, A_BP: tl.constexpr, A_NBLK: tl.constexpr, A_BI: tl.constexpr, A_COL: tl.constexpr,
+    A_SCALAR: tl.constexpr, A_EVEN: tl.constexpr, A_EMAX: tl.constexpr, A_EMIN: tl.constexpr,
+    A_MBITS: tl.constexpr, A_IS_INT: tl.constexpr, A_KMAX: tl.constexpr, A_BUMP_GE: tl.constexpr,
+    A_MAXV: tl.constexpr, A_SPLIT: tl.constexpr, A_SUB_AMAX: tl.constexpr, A_ROUND: tl.constexpr,
+    B_B: tl.constexpr, B_BP: tl.constexpr, B_NBLK: tl.constexpr, B_BI: tl.constexpr, B_COL: tl.constexpr,
+    B_SCALAR: tl.constexpr, B_EVEN: tl.constexpr, B_EMAX: tl.constexpr, B_EMIN: tl.constexpr,
+    B_MBITS: tl.constexpr, B_IS_INT: tl.constexpr, B_KMAX: tl.constexpr, B_BUMP_GE: tl.constexpr,
+    B_MAXV: tl.constexpr, B_SPLIT: tl.constexpr, B_SUB_AMAX: tl.constexpr, B_ROUND: tl.constexpr,
+    I64: tl.constexpr, SAT: tl.constexpr, OUT_KIND: tl.constexpr, INTERPRET: tl.constexpr,
+):
+    """A Linear's whole backward quantization in one launch: grad_output for dgrad and wgrad (a pair), the
+    weight for dgrad (a) and the input for wgrad (b); one launch where there would be two."""
+    pid = tl.program_id(0)
+    if pid < pair_programs:
+        _mx_pair_program(pid, g_ptr, ga_ptr, gb_ptr, M, N, R, C, BA, BB, GA_EMAX, GA_EMIN, GA_MBITS, GA_IS_INT,
+                         GA_KMAX, GA_BUMP_GE, GA_MAXV, GA_SPLIT, GA_SUB_AMAX, GA_ROUND, GB_EMAX, GB_EMIN,
+                         GB_MBITS, GB_IS_INT, GB_KMAX, GB_BUMP_GE, GB_MAXV, GB_SPLIT, GB_SUB_AMAX, GB_ROUND, SAT,
+                         I64, OUT_KIND, INTERPRET)
+    elif pid < pair_programs + a_programs:
+        _mx_program(pid - pair_programs, a_x_ptr, a_y_ptr, a_n_blocks, a_n_row_blocks, a_L, a_I, a_cs, A_B, A_BP,
+                    A_NBLK, A_BI, A_COL, A_SCALAR, A_EVEN, I64, A_EMAX, A_EMIN, A_MBITS, A_IS_INT, A_KMAX,
+                    A_BUMP_GE, A_MAXV, A_SPLIT, A_SUB_AMAX, A_ROUND, SAT, OUT_KIND, INTERPRET)
+    else:
+        _mx_program(pid - pair_programs - a_programs, b_x_ptr, b_y_ptr, b_n_blocks, b_n_row_blocks, b_L, b_I,
+                    b_cs, B_B, B_BP, B_NBLK, B_BI, B_COL, B_SCALAR, B_EVEN, I64, B_EMAX, B_EMIN, B_MBITS,
+                    B_IS_INT, B_KMAX, B_BUMP_GE, B_MAXV, B_SPLIT, B_SUB_AMAX, B_ROUND, SAT, OUT_KIND, INTERPRET)
 
 
 # Tile per element size (bytes): "row" (elements, warps) along the last axis, "col" (elements along the
@@ -273,6 +331,41 @@ def quant_dequant_mx(x: torch.Tensor, q: QType, tile: tuple[int, int, int] | Non
     return y
 
 
+def _single_segment(x: torch.Tensor, y: torch.Tensor, q: QType) -> tuple[int, tuple, dict, int]:
+    """One tensor's share of a grouped launch: programs, ``_mx_program``'s arguments, its constexprs (tile
+    and format, without the shared I64 / OUT_KIND / INTERPRET / SAT) and its warps."""
+    grid, args, consts, warps = block_segment(x, y, q, q.blk_size, TILES, None)
+    for shared in ("I64", "OUT_KIND", "INTERPRET"):
+        del consts[shared]
+    return grid, args, dict(B=q.blk_size, BP=next_pow2(q.blk_size), **consts, **mx_constants(q)), warps
+
+
+def _pair_segment(x: torch.Tensor, ya: torch.Tensor, yb: torch.Tensor, q_a: QType, q_b: QType
+                  ) -> tuple[int, tuple, dict, int]:
+    """The pair's share of a launch (``q_a`` along the last axis, ``q_b`` along the one before): programs,
+    ``_mx_pair_program``'s arguments, its constexprs (R, C, BA, BB, A_*, B_*) and its warps."""
+    m, n = x.shape[-2], x.shape[-1]
+    batch = x.numel() // (m * n)
+    ba, bb = q_a.blk_size, q_b.blk_size
+    target = (1 << 16) if is_interpreted(x) else 4096
+    c = max(ba, min(next_pow2(n), 128))
+    r = max(bb, min(next_pow2(m), max(1, target // c)))
+    grid = batch * -(-m // r) * -(-n // c)
+    consts = dict(R=r, C=c, BA=ba, BB=bb, **_prefixed("A_", mx_constants(q_a)), **_prefixed("B_", mx_constants(q_b)))
+    return grid, (x, ya, yb, m, n), consts, 4 if r * c <= 4096 else 8
+
+
+def _prefixed(prefix: str, consts: dict) -> dict:
+    return {prefix + k: v for k, v in consts.items()}
+
+
+def _shared(*xs: torch.Tensor) -> dict:
+    """The constexprs every segment of a launch shares: one dtype and device, int64 offsets if any needs them."""
+    x = xs[0]
+    return dict(I64=any(t.numel() >= I64_FROM for t in xs), SAT=saturation(x.dtype), OUT_KIND=out_kind(x.dtype),
+                INTERPRET=is_interpreted(x))
+
+
 def quant_dequant_mx_two(x_a: torch.Tensor, q_a: QType, x_b: torch.Tensor, q_b: QType
                          ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(quant_dequant_mx(x_a, q_a), quant_dequant_mx(x_b, q_b))`` in one launch (``_mx_two_kernel``): two
@@ -289,18 +382,11 @@ def quant_dequant_mx_two(x_a: torch.Tensor, q_a: QType, x_b: torch.Tensor, q_b: 
         return quant_dequant_mx(x_a, q_a), quant_dequant_mx(x_b, q_b)
 
     def prepare():
-        kwargs, grids, args, warps, i64 = {}, [], [], [], False
-        for tag, x, y, q in (("A", x_a, y_a, q_a), ("B", x_b, y_b, q_b)):
-            grid, seg_args, consts, seg_warps = block_segment(x, y, q, q.blk_size, TILES, None)
-            grids.append(grid)
-            args.extend(seg_args)
-            warps.append(seg_warps)
-            i64 = i64 or consts.pop("I64")
-            shared = {k: consts.pop(k) for k in ("OUT_KIND", "INTERPRET")}  # one dtype, one device
-            fmt = dict(B=q.blk_size, BP=next_pow2(q.blk_size), **consts, **mx_constants(q))
-            kwargs.update({f"{tag}_{k}": v for k, v in fmt.items()})
-        kwargs.update(I64=i64, SAT=saturation(x_a.dtype), **shared, num_warps=max(warps), enable_fp_fusion=False)
-        return (grids[0] + grids[1],), (*args, grids[0]), kwargs
+        (grid_a, args_a, fmt_a, warps_a), (grid_b, args_b, fmt_b, warps_b) = (
+            _single_segment(x_a, y_a, q_a), _single_segment(x_b, y_b, q_b))
+        kwargs = dict(_prefixed("A_", fmt_a), **_prefixed("B_", fmt_b), **_shared(x_a, x_b),
+                      num_warps=max(warps_a, warps_b), enable_fp_fusion=False)
+        return (grid_a + grid_b,), (*args_a, *args_b, grid_a), kwargs
 
     launch(_mx_two_kernel, (q_a, q_b, x_a.shape, x_b.shape, x_a.dtype), (x_a, y_a, x_b, y_b), prepare)
     return y_a, y_b
@@ -343,22 +429,46 @@ def quant_dequant_mx_pair(x: torch.Tensor, q_a: QType, q_b: QType) -> tuple[torc
         return ya, yb
 
     def prepare():
-        m, n = x.shape[-2], x.shape[-1]
-        batch = x.numel() // (m * n)
-        ba, bb = q_a.blk_size, q_b.blk_size
-        interp = is_interpreted(x)
-        target = (1 << 16) if interp else 4096
-        c = max(ba, min(next_pow2(n), 128))
-        r = max(bb, min(next_pow2(m), max(1, target // c)))
-        grid = batch * -(-m // r) * -(-n // c)
-        ca = {f"A_{k}": v for k, v in mx_constants(q_a).items()}
-        cb = {f"B_{k}": v for k, v in mx_constants(q_b).items()}
-        kwargs = dict(
-            R=r, C=c, BA=ba, BB=bb, **ca, **cb, SAT=saturation(x.dtype), I64=x.numel() >= I64_FROM,
-            OUT_KIND=out_kind(x.dtype), INTERPRET=interp, num_warps=4 if r * c <= 4096 else 8,
-            enable_fp_fusion=False,
-        )
-        return (grid,), (x, ya, yb, m, n), kwargs
+        grid, args, consts, warps = _pair_segment(x, ya, yb, q_a, q_b)
+        return (grid,), args, dict(consts, **_shared(x), num_warps=warps, enable_fp_fusion=False)
 
     launch(_mx_pair_kernel, (q_a, q_b, x.shape, x.dtype), (x, ya, yb), prepare)
     return ya, yb
+
+
+def quant_dequant_mx_pair_two(g: torch.Tensor, q_ga: QType, q_gb: QType, x_a: torch.Tensor, q_a: QType,
+                              x_b: torch.Tensor, q_b: QType) -> tuple[torch.Tensor, ...]:
+    """``(*quant_dequant_mx_pair(g, q_ga, q_gb), *quant_dequant_mx_two(x_a, q_a, x_b, q_b))`` in one launch
+    (``_mx_pair_two_kernel``): a Linear's grad_output for dgrad and wgrad, its weight for dgrad and its
+    input for wgrad. ``fusable_pair(g, q_ga, q_gb)`` must hold; one dtype and device for all three tensors.
+    Bit for bit the separate calls."""
+    if not fusable_pair(g, q_ga, q_gb) or q_a.family != "mx" or q_b.family != "mx":
+        raise ValueError(
+            f"quant_dequant_mx_pair_two: {q_ga.desc!r}/{q_gb.desc!r} on a {tuple(g.shape)} {g.dtype} tensor are not a "
+            f"fusable pair, or {q_a.desc!r}, {q_b.desc!r} are not both MX"
+        )
+    if len({t.dtype for t in (g, x_a, x_b)}) > 1 or len({t.device for t in (g, x_a, x_b)}) > 1:
+        raise ValueError("quant_dequant_mx_pair_two: the tensors must share dtype and device, got "
+                         + ", ".join(f"{t.dtype} on {t.device}" for t in (g, x_a, x_b)))
+    if _pair_axes(g, q_ga, q_gb)[0] != g.dim() - 1:  # q_ga runs down the columns: swap, swap back
+        gb, ga, y_a, y_b = quant_dequant_mx_pair_two(g, q_gb, q_ga, x_a, q_a, x_b, q_b)
+        return ga, gb, y_a, y_b
+    g = check_input(g, q_ga.q_dim, "quant_dequant_mx_pair_two")
+    x_a = check_input(x_a, q_a.q_dim, "quant_dequant_mx_pair_two")
+    x_b = check_input(x_b, q_b.q_dim, "quant_dequant_mx_pair_two")
+    if min(g.numel(), x_a.numel(), x_b.numel()) == 0:
+        return (*quant_dequant_mx_pair(g, q_ga, q_gb), *quant_dequant_mx_two(x_a, q_a, x_b, q_b))
+    ga, gb, y_a, y_b = torch.empty_like(g), torch.empty_like(g), torch.empty_like(x_a), torch.empty_like(x_b)
+
+    def prepare():
+        grid_p, args_p, consts_p, warps_p = _pair_segment(g, ga, gb, q_ga, q_gb)
+        grid_a, args_a, fmt_a, warps_a = _single_segment(x_a, y_a, q_a)
+        grid_b, args_b, fmt_b, warps_b = _single_segment(x_b, y_b, q_b)
+        pair = {("G" + k if k[:2] in ("A_", "B_") else k): v for k, v in consts_p.items()}  # A_ -> GA_, B_ -> GB_
+        kwargs = dict(pair, **_prefixed("A_", fmt_a), **_prefixed("B_", fmt_b), **_shared(g, x_a, x_b),
+                      num_warps=max(warps_p, warps_a, warps_b), enable_fp_fusion=False)
+        return (grid_p + grid_a + grid_b,), (*args_p, *args_a, *args_b, grid_p, grid_a), kwargs
+
+    launch(_mx_pair_two_kernel, (q_ga, q_gb, q_a, q_b, g.shape, x_a.shape, x_b.shape, g.dtype),
+           (g, ga, gb, x_a, y_a, x_b, y_b), prepare)
+    return ga, gb, y_a, y_b
