@@ -3,6 +3,11 @@
 Every recipe runs in the same process on the same model, data and optimizer, so the ratios compare like
 with like; the bf16 recipe (nothing quantized) is the baseline and always runs first.
 
+On CUDA, steps run back to back and each is timed with CUDA events (the training throughput: the host may
+issue the next step while the GPU runs this one); ``--sync-every-step`` times each step between two
+synchronisations instead, as a loop that reads the loss every step runs. ``--profile N`` then shows where
+the time goes (device-kernel time, host issue time, top kernels and host functions).
+
     python scripts/bench_train_step.py --threads 1                       # tiny GPT on CPU, all recipes
     python scripts/bench_train_step.py --recipes bf16,mxfp8,mxfp4 --steps 20
     python scripts/bench_train_step.py --device cuda --preset gpt2-small # 12 layers, d=768, T=1024, batch 8,
@@ -55,18 +60,10 @@ def run_recipe(recipe: str, args, cfg: GPTConfig, batch_size: int, dtype: torch.
     if device.type == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats(device)
-    times, loss = [], float("nan")
-    for step in range(args.warmup + args.steps):
-        _sync(device)
-        t0 = time.perf_counter()
-        _, loss_t = step_model(idx, targets)
-        opt.zero_grad(set_to_none=True)
-        loss_t.backward()
-        opt.step()
-        _sync(device)
-        if step >= args.warmup:
-            times.append(time.perf_counter() - t0)
-        loss = loss_t.item()
+    if args.sync_every_step or device.type != "cuda":
+        times, loss = _timed_synced(step_model, opt, idx, targets, device, args)
+    else:
+        times, loss = _timed_streaming(step_model, opt, idx, targets, device, args)
     peak = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     if args.profile:
         profile_steps(recipe, lambda: _train_step(step_model, opt, idx, targets), device, args.profile)
@@ -74,11 +71,43 @@ def run_recipe(recipe: str, args, cfg: GPTConfig, batch_size: int, dtype: torch.
     return statistics.median(times), peak, loss
 
 
-def _train_step(model, opt, idx, targets) -> None:
+def _timed_synced(model, opt, idx, targets, device, args) -> tuple[list[float], float]:
+    """Each step timed on its own: synchronise, run the step, synchronise (and read the loss). The host
+    then starts every step with an idle GPU, as a loop that logs the loss every step does."""
+    times, loss = [], float("nan")
+    for step in range(args.warmup + args.steps):
+        _sync(device)
+        t0 = time.perf_counter()
+        loss_t = _train_step(model, opt, idx, targets)
+        _sync(device)
+        if step >= args.warmup:
+            times.append(time.perf_counter() - t0)
+        loss = loss_t.item()
+    return times, loss
+
+
+def _timed_streaming(model, opt, idx, targets, device, args) -> tuple[list[float], float]:
+    """Steps issued back to back, as a loop that does not read results every step: the host may issue step
+    n + 1 while the GPU runs step n. Step n's time is the GPU time between CUDA events recorded at its start
+    and at the next step's start, so it measures the training throughput; one synchronisation at the end."""
+    for _ in range(args.warmup):
+        _train_step(model, opt, idx, targets)
+    _sync(device)
+    events = [torch.cuda.Event(enable_timing=True) for _ in range(args.steps + 1)]
+    events[0].record()
+    for i in range(args.steps):
+        loss_t = _train_step(model, opt, idx, targets)
+        events[i + 1].record()
+    _sync(device)
+    return [a.elapsed_time(b) / 1e3 for a, b in zip(events, events[1:])], loss_t.item()
+
+
+def _train_step(model, opt, idx, targets) -> torch.Tensor:
     _, loss = model(idx, targets)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     opt.step()
+    return loss
 
 
 def _host_profile(recipe: str, step, device: torch.device, top: int, n: int) -> None:
@@ -141,6 +170,9 @@ def main() -> None:
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch intra-op threads (default: torch's); 1 is steadier for tiny CPU shapes")
+    parser.add_argument("--sync-every-step", action="store_true",
+                        help="time each step between two synchronisations (reading the loss every step) instead "
+                             "of back-to-back steps timed with CUDA events (the training throughput)")
     parser.add_argument("--profile", type=int, default=0, metavar="TOP",
                         help="after timing, profile 3 steps of each recipe and print its device time per step, "
                              "its host time per step and its TOP most expensive device kernels")
@@ -164,7 +196,8 @@ def main() -> None:
           f"torch threads {torch.get_num_threads()}, load average {os.getloadavg()[0]:.1f}")
     print(f"model: {args.preset} (layers {cfg.n_layer}, d {cfg.n_embd}, heads {cfg.n_head}, vocab {cfg.vocab_size}), "
           f"batch {batch_size}, T {seq}, weights {dtype}, AdamW, fidelity {args.fidelity}, "
-          f"compile {args.compile}, median of {args.steps} steps after {args.warmup} warm-up")
+          f"compile {args.compile}, median of {args.steps} steps after {args.warmup} warm-up, "
+          f"{'each step synchronised' if args.sync_every_step or device.type != 'cuda' else 'steps back to back (CUDA events)'}")
     results = {}
     for recipe in recipes:
         results[recipe] = run_recipe(recipe, args, cfg, batch_size, dtype, device)
