@@ -16,8 +16,9 @@ device launch the compiled kernel directly with the new tensors: exactly the cal
 
 The direct call depends on how ``JITFunction.run`` hands arguments to the compiled kernel, so it is used only
 where that code is the one this module mirrors (``direct_launch_supported``, checked once from Triton's
-source) and not under ``TRITON_INTERPRET=1``; elsewhere, and with ``FAKEQUANT_DIRECT_LAUNCH=0``, every call
-goes through ``kernel[grid](...)``. Either way the kernel, its specialization and its arguments are the same.
+source) and not under ``TRITON_INTERPRET=1``; elsewhere, and with ``FAKEQUANT_DIRECT_LAUNCH=0`` (read at the
+first launch), every call goes through ``kernel[grid](...)``. Either way the kernel, its specialization and
+its arguments are the same.
 """
 
 from __future__ import annotations
