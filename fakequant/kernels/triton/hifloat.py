@@ -18,22 +18,8 @@ import triton.language as tl
 
 from ...qtype import QType
 from ._common import (
-    I64_FROM,
-    bf16_rne,
-    bits_of,
-    cast_out,
-    check_input,
-    col_tile3,
-    copysign_plus,
-    float_of,
-    is_interpreted,
-    launch,
-    launch_block_kernel,
-    load_f32,
-    max_keep,
-    out_kind,
-    rhaz_small,
-    row_tile,
+    I64_FROM, bf16_rne, bits_of, cast_out, check_input, col_tile3, copysign_plus, float_of, is_interpreted, launch,
+    launch_block_kernel, load_f32, max_keep, out_kind, rhaz_small, row_tile,
 )
 
 __all__ = ["quant_dequant_hif4", "quant_dequant_hif8", "quant_dequant_hifx"]

@@ -19,22 +19,8 @@ import triton.language as tl
 
 from ...qtype import QType
 from ._common import (
-    FLT_MAX,
-    I64_FROM,
-    bits_of,
-    cast_out,
-    cdiv,
-    check_input,
-    copysign_plus,
-    float_of,
-    geometry,
-    is_interpreted,
-    launch,
-    load_f32,
-    max_keep,
-    next_pow2,
-    out_kind,
-    round_to_int,
+    FLT_MAX, I64_FROM, bits_of, cast_out, cdiv, check_input, copysign_plus, float_of, geometry, is_interpreted,
+    launch, load_f32, max_keep, next_pow2, out_kind, round_to_int,
 )
 
 __all__ = ["quant_dequant_int8sym"]

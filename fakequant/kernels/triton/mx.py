@@ -21,27 +21,9 @@ import triton.language as tl
 
 from ...qtype import QType
 from ._common import (
-    block_segment,
-    I64_FROM,
-    bits_of,
-    cast_out,
-    cdiv,
-    check_input,
-    col_tile,
-    copysign_plus,
-    exponent_and_fraction,
-    float_of,
-    is_interpreted,
-    launch,
-    launch_block_kernel,
-    load_f32,
-    max_keep,
-    next_pow2,
-    out_kind,
-    pow2,
-    round_to_int,
-    row_tile,
-    saturation,
+    block_segment, I64_FROM, bits_of, cast_out, cdiv, check_input, col_tile, copysign_plus, exponent_and_fraction,
+    float_of, is_interpreted, launch, launch_block_kernel, load_f32, max_keep, next_pow2, out_kind, pow2,
+    round_to_int, row_tile, saturation,
 )
 
 __all__ = ["fusable_pair", "mx_constants", "quant_dequant_mx", "quant_dequant_mx_pair"]

@@ -20,15 +20,7 @@ import triton.language as tl
 from ...formats.nf4 import NF4_CODES, NF4_THRESHOLDS
 from ...qtype import QType
 from ._common import (
-    bits_of,
-    cast_out,
-    check_input,
-    col_tile,
-    float_of,
-    launch_block_kernel,
-    load_f32,
-    max_keep,
-    row_tile,
+    bits_of, cast_out, check_input, col_tile, float_of, launch_block_kernel, load_f32, max_keep, row_tile,
 )
 
 __all__ = ["quant_dequant_nf4"]

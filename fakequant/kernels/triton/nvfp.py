@@ -23,23 +23,8 @@ import triton.language as tl
 
 from ...qtype import QType
 from ._common import (
-    FLT_MAX,
-    I64_FROM,
-    bits_of,
-    cast_out,
-    check_input,
-    col_tile,
-    copysign_plus,
-    float_of,
-    is_interpreted,
-    launch,
-    launch_block_kernel,
-    load_f32,
-    max_all,
-    max_keep,
-    out_kind,
-    round_to_int,
-    row_tile,
+    FLT_MAX, I64_FROM, bits_of, cast_out, check_input, col_tile, copysign_plus, float_of, is_interpreted, launch,
+    launch_block_kernel, load_f32, max_all, max_keep, out_kind, round_to_int, row_tile,
 )
 
 __all__ = ["quant_dequant_nvf4", "quant_dequant_nvfp4", "tensor_amax"]

@@ -16,19 +16,8 @@ import triton.language as tl
 
 from ...qtype import QType
 from ._common import (
-    bits_of,
-    cast_out,
-    check_input,
-    col_tile3,
-    copysign_plus,
-    exponent_and_fraction,
-    float_of,
-    launch_block_kernel,
-    load_f32,
-    max_keep,
-    pow2,
-    rhaz_small,
-    row_tile,
+    bits_of, cast_out, check_input, col_tile3, copysign_plus, exponent_and_fraction, float_of, launch_block_kernel,
+    load_f32, max_keep, pow2, rhaz_small, row_tile,
 )
 
 __all__ = ["quant_dequant_tmx"]
