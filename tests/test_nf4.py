@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 import fakequant
 from fakequant import QType
 from fakequant.formats._common import round_int
-from fakequant.formats.nf4 import NF4_CODES, NF4_THRESHOLDS, _rhaz_
+from fakequant.formats.nf4 import NF4_CODES, NF4_THRESHOLDS, _INTERVAL_SHIFT, _nf4_search_tables, _rhaz_
 
 from .conftest import assert_bitwise_equal
 
@@ -115,6 +115,20 @@ def test_rhaz_ties_and_neighbours():
                    torch.arange(0, 9, dtype=torch.float32), _f32(0.5 - 2**-25, 2**-149, 0.0),
                    torch.rand(10000) * 8])
     assert torch.equal(_rhaz_(t.clone()), round_int(t, "nearest"))
+
+
+def test_search_tables_count_thresholds_below():
+    # nf4's index search (a count below each 12-bit interval plus one comparison) against the 15 comparisons
+    # of the definition, on every 4099th float32 pattern and the 64 patterns around each threshold (NaN is
+    # -inf by then). A one-off run checked all 2^32 patterns.
+    below, threshold = _nf4_search_tables(torch.device("cpu"))
+    t = torch.tensor(NF4_THRESHOLDS, dtype=torch.float32)
+    around = (t.view(torch.int32)[:, None] + torch.arange(-32, 32, dtype=torch.int32)).reshape(-1)
+    v = torch.cat([torch.arange(-(2**31), 2**31, 4099, dtype=torch.int64).to(torch.int32), around])
+    v = v.view(torch.float32).nan_to_num(nan=-INF, posinf=INF, neginf=-INF)
+    interval = torch.bitwise_right_shift(v.view(torch.int32), _INTERVAL_SHIFT).bitwise_and_(0xFFF).long()
+    index = below[interval] + (v > threshold[interval]).float()
+    assert torch.equal(index, (v[:, None] > t).sum(1).float())
 
 
 # --------------------------------------------------------------------------------------------------------

@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from ..qtype import QType
-from ._common import exponent, grid, pow2, to_blocks
+from ._common import exponent, grid, magnitude_max, pow2, round_half_away_, sign_from_, to_blocks
 
 __all__ = [
     "quant_dequant_hif8", "quant_dequant_hif4", "quant_dequant_hifx", "hif8_encode", "hif8_decode",
@@ -90,27 +90,25 @@ def _hif8_code_value(code: int) -> float:
 def _hif8_tables(device: torch.device) -> dict[str, Tensor]:
     """Per-binade tables indexed by the float32 biased exponent field (0..255).
 
-    ``add`` / ``mask`` round a float32 bit pattern to the HiF8 grid of its binade: adding half a grid step
-    to the magnitude bits and clearing the bits below the step is round-half-away on the exact value
-    (ties carry up; a carry out of the mantissa moves into the next binade, which is the round-up into it).
-    ``mask`` keeps the sign bit except for the flush band, so flushed values are +0 (formats.md §0).
+    ``step`` is the HiF8 grid step of the binade 2^e: 2^(e - b) with b fraction bits (formats.md §6), so that
+    ``RHAZ(a / step) * step`` is the table's rounding of every a in that binade. A carry out of the binade
+    (a / step rounding to 2^(b + 1)) lands on 2^(e + 1), which is on the grid. Below the denormals the step is
+    2^-22: a in [2^-23, 2^-22) gives a / step in [1/2, 1), so 2^-22, and smaller a give 0 (the flush). Beyond
+    2^15 the step is 2^e (b = 0): the result stays above 32768 for the overflow rules, and inf/NaN divide by
+    1 and stay.
     ``code_base`` / ``code_shift`` build a code from a value already on the grid.
     """
-    add = torch.zeros(256, dtype=torch.int32)
-    mask = torch.zeros(256, dtype=torch.int32)  # 0: flush to +0 (a < 2^-23)
+    step = torch.ones(256, dtype=torch.float32)
     code_base = torch.zeros(256, dtype=torch.int32)
     code_shift = torch.full((256,), _F32_MAN_BITS, dtype=torch.int32)
-    for biased in range(256):
+    for biased in range(255):  # 255 (inf, NaN) keeps step 1
         e = biased - _F32_BIAS
-        if biased == 255 or e > 15:
-            # inf/NaN keep their bits; finite values beyond 2^15 keep theirs and overflow after rounding.
-            add[biased], mask[biased] = 0, -1
-        elif e == _HIF8_EMIN_DENORMAL - 1:
-            # [2^-23, 2^-22) -> 2^-22: one carry into the next binade, then clear the whole mantissa.
-            add[biased], mask[biased] = 1 << _F32_MAN_BITS, -(1 << _F32_MAN_BITS)
+        if e > 15:
+            step[biased] = 2.0**e
         elif e >= _HIF8_EMIN_DENORMAL:
-            step = _F32_MAN_BITS - _hif8_mantissa_bits(e)  # bits below the HiF8 grid step
-            add[biased], mask[biased] = 1 << (step - 1), -(1 << step)
+            step[biased] = 2.0 ** (e - _hif8_mantissa_bits(e))
+        else:
+            step[biased] = 2.0**_HIF8_EMIN_DENORMAL  # the flush band and float32 subnormals (biased 0)
         if _HIF8_EMIN_DENORMAL <= e < _HIF8_EMIN_NORMAL:
             code_base[biased] = e - _HIF8_EMIN_DENORMAL + 1  # 0000 mmm: 2^(m - 23)
         elif _HIF8_EMIN_NORMAL <= e <= 15:
@@ -121,7 +119,7 @@ def _hif8_tables(device: torch.device) -> dict[str, Tensor]:
             code_base[biased] = (dot << (7 - length)) | (exp_field << man_bits)
             code_shift[biased] = _F32_MAN_BITS - man_bits
     values = torch.tensor([_hif8_code_value(c) for c in range(256)], dtype=torch.float32)
-    tables = {"add": add, "mask": mask, "code_base": code_base, "code_shift": code_shift, "values": values}
+    tables = {"step": step, "code_base": code_base, "code_shift": code_shift, "values": values}
     return {k: v.to(device) for k, v in tables.items()}
 
 
@@ -130,21 +128,24 @@ def _lookup(table: Tensor, index: Tensor) -> Tensor:
     return torch.index_select(table, 0, index.reshape(-1)).reshape(index.shape)
 
 
-def _hif8_round_bits(x: Tensor) -> Tensor:
-    """HiF8 rounding of float32 ``x`` before overflow handling, as float32: values beyond 2^15 (and ±inf)
-    come out larger than 32768 in magnitude, NaN stays NaN (formats.md §6 table, rows 1-3)."""
-    bits = x.view(torch.int32)
-    biased = (bits >> _F32_MAN_BITS) & 0xFF
-    tables = _hif8_tables(x.device)
-    # bits + add never carries into the sign bit: add <= 2^23 and the magnitude is below 0x7F800000 there.
-    rounded = (bits + _lookup(tables["add"], biased)) & _lookup(tables["mask"], biased)
-    return rounded.view(torch.float32)
+def _hif8_round(x: Tensor) -> Tensor:
+    """HiF8 rounding of float32 ``x`` before overflow handling, as a new float32 tensor: values beyond 2^15
+    (and ±inf) come out larger than 32768 in magnitude, NaN stays NaN (formats.md §6 table, rows 1-3)."""
+    # The biased exponent field, one int32 per element; its buffer then takes the result.
+    biased = torch.bitwise_right_shift(x.view(torch.int32), _F32_MAN_BITS).bitwise_and_(0xFF)
+    step = _lookup(_hif8_tables(x.device)["step"], biased)
+    # ±step carries x's sign and is never 0, so x / ±step = |x| / step >= 0 (a power-of-two quotient: exact, or
+    # below 1/2 in the flush band) and RHAZ(...) * ±step has x's sign. HiF8 has only +0: adding +0 turns -0
+    # (x = -0, or negative x flushed) into +0 and changes nothing else.
+    step.copysign_(x)
+    y = torch.div(x, step, out=biased.view(torch.float32))
+    return round_half_away_(y).mul_(step).add_(0.0)
 
 
 def _hif8(x: Tensor, saturating: bool) -> Tensor:
-    y = _hif8_round_bits(x)
+    y = _hif8_round(x)
     if saturating:
-        return y.clamp(-HIF8_MAX, HIF8_MAX)  # clamp keeps NaN; ±inf and overflow -> ±32768
+        return y.clamp_(-HIF8_MAX, HIF8_MAX)  # clamp keeps NaN; ±inf and overflow -> ±32768
     # Overflow: the rounded magnitude passed 2^15, i.e. a >= 40960 = 1.25 * 2^15 (and ±inf) -> ±inf.
     return torch.where(y.abs() > HIF8_MAX, torch.copysign(torch.full_like(y, float("inf")), y), y)
 
@@ -185,26 +186,20 @@ def hif8_decode(codes: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------------------------- shared rounding
-def round_scaled(x: Tensor, a: Tensor, twice_up: tuple[Tensor, ...], down: tuple[Tensor, ...], k_max: int) -> Tensor:
-    """Elements on a power-of-two scaled grid: ±min(RHAZ(t), k_max) * down, where 2t = a * twice_up exactly.
+def round_scaled(x: Tensor, t: Tensor, down: tuple[Tensor, ...], k_max: int) -> Tensor:
+    """Elements on a power-of-two scaled grid: ±min(RHAZ(t), k_max) * down, where t = |x| / grid step exactly
+    (or t < 1/2 where that underflows) and ``down`` is the grid step.
 
-    ``a`` is |x|; ``twice_up`` (2 / grid step) and ``down`` (the grid step) are positive factors broadcastable
-    to ``x``, multiplied in the order given (a scale beyond fp32's range comes as two factors, each product
-    exact). A NaN factor in ``down`` makes those elements NaN; ``a`` is consumed
-    (overwritten in place).
-
-    RHAZ(t) = ceil(floor(2t) / 2) exactly: with t = n + r, r in [0, 1), floor(2t) = 2n + [r >= 1/2], and
-    halving then rounding up gives n + [r >= 1/2]. Every step is exact in fp32 (formats.md §0, §12.3).
-    The sign comes from ``x``: an input -0 is made +0 first (-0 + +0 = +0), so a negative input gives -|q|
-    (-0 when it rounds to zero) and ±0 gives +0.
+    ``t`` is consumed: the result is computed in it (the reference's largest CPU cost is allocating full-size
+    temporaries). ``down`` holds positive factors broadcastable to ``x``, multiplied in the order given (a
+    step beyond fp32's range comes as two factors, each product exact); a NaN factor makes those elements NaN.
+    RHAZ is ``round_half_away_``, exact (formats.md §0, §12.3). The sign comes from ``x`` (``sign_from_``): a
+    negative input gives -|q| (-0 when it rounds to zero) and ±0 gives +0.
     """
-    k = a  # consumed in place: the reference's largest CPU cost is allocating full-size temporaries
-    for factor in twice_up:
-        k.mul_(factor)
-    k.floor_().mul_(0.5).ceil_().clamp_(max=k_max)
+    k = round_half_away_(t).clamp_(max=k_max)
     for factor in down:
         k.mul_(factor)
-    return k.copysign_(x + 0.0)
+    return sign_from_(k, x)
 
 
 # ------------------------------------------------------------------------------------------------------ HiF4
@@ -228,24 +223,23 @@ def quant_dequant_hif4(x: Tensor, q: QType) -> Tensor:
     quad of 4 one extra binade each (D = f8 + f4), elements k/4 * 2^D * SF with k in 0..7."""
     blocks, restore = to_blocks(x, q.q_dim, _HIF4_BLOCK)  # [..., n, 64]
     quads = blocks.unflatten(-1, (8, 2, 4))  # [..., n, 8 groups, 2 quads, 4]
-    a = quads.abs()
-    v16 = a.amax(dim=-1)  # [..., n, 8, 2]; NaN/inf propagate
-    v8 = v16.amax(dim=-1, keepdim=True)  # [..., n, 8, 1]
-    vmax = v8.amax(dim=-2, keepdim=True)  # [..., n, 1, 1]
+    a = quads.abs()  # the working buffer: t and then the result are computed in it
+    v16 = magnitude_max(a, -1)  # [..., n, 8, 2, 1]; NaN/inf propagate
+    v8 = magnitude_max(v16, -2)  # [..., n, 8, 1, 1]
+    vmax = magnitude_max(v8, -3)  # [..., n, 1, 1, 1]
     # Step 1: SF = E6M2(clamp(bf16(fl32(Vmax * c)))), RNE. Step 2: REC = bf16(fl32(1 / SF)).
     sf = _bf16(vmax * HIF4_C).clamp(HIF4_SF_MIN, HIF4_SF_MAX)
     sf = grid(sf, 2, -48, "even")
     rec = _bf16(1.0 / sf)
     # Step 3: one more binade for a group, then for a quad, when its maximum reaches the threshold.
     # 2^f is 1 + f for f in {0, 1}, so 2^D = 2^f8 * 2^f4 is a product of ones and twos.
-    pow_f8 = 1.0 + (v8 * rec >= 4).to(torch.float32)  # [..., n, 8, 1]
-    pow_d = pow_f8 * (1.0 + (v16 * rec >= 2 * pow_f8).to(torch.float32))  # 2^D, [..., n, 8, 2]
-    # Step 4: 2t = 8 * fl32(|x| * REC) / 2^D as one product: scaling by 2^(3-D) commutes with the rounding of
-    # fl32(|x| * REC) except under fp32 underflow, where both give 2t < 1 and k = 0.
-    twice_up = (8.0 * rec) / pow_d  # exact: powers of two times a bf16 number
-    down = _nan_where_nonfinite((0.25 * sf) * pow_d, vmax)
-    out = round_scaled(quads, a, (twice_up.unsqueeze(-1),), (down.unsqueeze(-1),), 7)  # [..., n, 8, 2, 4]
-    return restore(out.flatten(-3))
+    pow_f8 = (v8 * rec >= 4).to(torch.float32).add_(1.0)  # [..., n, 8, 1, 1]
+    pow_d = v16.mul_(rec).ge_(2 * pow_f8).add_(1.0).mul_(pow_f8)  # 2^D in v16's buffer, [..., n, 8, 2, 1]
+    # Step 4: t = 4 * fl32(|x| * REC) / 2^D as one product: scaling by 2^(2-D) commutes with the rounding of
+    # fl32(|x| * REC) except under fp32 underflow, where both give t < 1/2 and k = 0.
+    up = (4.0 * rec) / pow_d  # exact: powers of two times a bf16 number
+    down = pow_d.mul_(0.25 * _nan_where_nonfinite(sf, vmax))  # 2^D * SF / 4; NaN for blocks with NaN/inf
+    return restore(round_scaled(quads, a.mul_(up), (down,), 7).flatten(-3))  # [..., n, 8, 2, 4] -> [..., n, 64]
 
 
 # ------------------------------------------------------------------------------------------------------ HiFX
@@ -264,16 +258,15 @@ def quant_dequant_hifx(x: Tensor, q: QType) -> Tensor:
     m = q.man_bits
     blocks, restore = to_blocks(x, q.q_dim, _HIFX_BLOCK)  # [..., n, 64]
     quads = blocks.unflatten(-1, (8, 2, 4))  # [..., n, 8 groups, 2 quads, 4]
-    a = quads.abs()
-    v4 = a.amax(dim=-1)  # [..., n, 8, 2]
-    v8 = v4.amax(dim=-1, keepdim=True)  # [..., n, 8, 1]
-    v64 = v8.amax(dim=-2, keepdim=True)  # [..., n, 1, 1]
+    a = quads.abs()  # the working buffer: t and then the result are computed in it
+    v4 = magnitude_max(a, -1)  # [..., n, 8, 2, 1]
+    v8 = magnitude_max(v4, -2)  # [..., n, 8, 1, 1]
+    v64 = magnitude_max(v8, -3)  # [..., n, 1, 1, 1]
     # e64 = max of the eight e8 is E(v64) since E is monotone; an all-zero block has e64 = -inf.
     e64 = torch.where(v64 > 0, exponent(v64), torch.full_like(v64, _HIFX_BASE_MIN + 2, dtype=torch.int32))
     base = pow2((e64 - 2).clamp(_HIFX_BASE_MIN, _HIFX_BASE_MAX))  # 2^base
-    group = base * (1.0 + (v8 >= 4 * base).to(torch.float32))  # 2^(base + d8), [..., n, 8, 1]
-    quad = group * (1.0 + (v4 >= 2 * group).to(torch.float32))  # 2^Q, Q in [-46, 18], [..., n, 8, 2]
-    twice_up = 2.0**m / quad  # 2 * 2^(M-1-Q): |x| times it is exact, or < 1 when it underflows (k = 0)
-    down = _nan_where_nonfinite(quad * 2.0 ** (1 - m), v64)
-    out = round_scaled(quads, a, (twice_up.unsqueeze(-1),), (down.unsqueeze(-1),), 2**m - 1)  # mant <= 2 - 2^(1-M)
-    return restore(out.flatten(-3))
+    group = base * (1.0 + (v8 >= 4 * base).to(torch.float32))  # 2^(base + d8), [..., n, 8, 1, 1]
+    quad = v4.ge_(2 * group).add_(1.0).mul_(group)  # 2^Q in v4's buffer, Q in [-46, 18], [..., n, 8, 2, 1]
+    up = 2.0 ** (m - 1) / quad  # 2^(M-1-Q): |x| times it is exact, or < 1/2 when it underflows (k = 0)
+    down = quad.mul_(_nan_where_nonfinite(base.new_full((), 2.0 ** (1 - m)), v64))  # 2^(Q+1-M); NaN blocks
+    return restore(round_scaled(quads, a.mul_(up), (down,), 2**m - 1).flatten(-3))  # mantissa <= 2 - 2^(1-M)

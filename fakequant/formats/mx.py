@@ -17,7 +17,10 @@ import torch
 from torch import Tensor
 
 from ..qtype import QType
-from ._common import FLT_MAX, exponent, grid_, ldexp, pow2, round_int, round_int_, significand, to_blocks
+from ._common import (
+    FLT_MAX, exponent, grid_, ldexp, ldexp_, magnitude_max, pow2, round_int, round_int_, sign_from_,
+    significand, to_blocks,
+)
 
 __all__ = ["ElementFormat", "quant_dequant_mx", "quant_dequant_mx_hier", "mx_blocks"]
 
@@ -66,9 +69,12 @@ class ElementFormat:
         return 2.0**self.emax * (2 - 2.0**-self.man_bits)
 
 
-def scale_exponent_from(e: Tensor, sig: Tensor, fmt: ElementFormat, scale_mode: str, round_mode: str) -> Tensor:
+def scale_exponent_from(
+    e: Tensor, sig: Tensor | None, fmt: ElementFormat, scale_mode: str, round_mode: str
+) -> Tensor:
     """Shared exponent ``s`` of blocks whose maximum is ``sig * 2^e`` (``sig`` in [1, 2)) by the scale rule
-    (formats.md §1 step 1, §2). Shared with the NPU implementation, which reads ``e`` and ``sig`` off the bits."""
+    (formats.md §1 step 1, §2); ``sig`` may be None for the ``floor`` rule, which does not read it. Shared with
+    the NPU implementation, which reads ``e`` and ``sig`` off the bits."""
     if scale_mode == "floor":
         bump = None
     elif scale_mode == "round":
@@ -91,7 +97,8 @@ def scale_exponent_from(e: Tensor, sig: Tensor, fmt: ElementFormat, scale_mode: 
 def scale_exponent(amax: Tensor, fmt: ElementFormat, scale_mode: str, round_mode: str) -> Tensor:
     """Shared exponent ``s`` of blocks with maximum ``amax > 0`` (formats.md §1 step 1, §2)."""
     e = exponent(amax)
-    return scale_exponent_from(e, significand(amax, e), fmt, scale_mode, round_mode)
+    sig = None if scale_mode == "floor" else significand(amax, e)  # the floor rule reads only the exponent
+    return scale_exponent_from(e, sig, fmt, scale_mode, round_mode)
 
 
 def quantize_elements(y: Tensor, fmt: ElementFormat, round_mode: str) -> Tensor:
@@ -108,9 +115,15 @@ def quantize_elements(y: Tensor, fmt: ElementFormat, round_mode: str) -> Tensor:
 def _scale_back_(q: Tensor, scale: Tensor, x: Tensor) -> Tensor:
     """``±q * scale`` in place, the sign taken from ``x`` (formats.md §0: -0 for a negative ``x`` that
     rounds to zero, +0 for ±0 inputs). A finite product beyond float32 saturates to FLT_MAX (§0, Output);
-    a NaN scale (a NaN block) stays NaN through the clamp."""
-    q.mul_(scale).clamp_(max=FLT_MAX).copysign_(x)
-    return q.masked_fill_((x == 0).logical_and_(~torch.isnan(scale)), 0.0)  # NaN blocks stay NaN
+    a NaN scale (a NaN block) gives NaN. The sign goes on first: ``scale`` is positive or NaN, so
+    ``(±q) * scale`` is ``±(q * scale)``.
+
+    A hierarchical group whose exponent is clamped high can have ``scale = +inf``; there an element that
+    rounds to 0 gives 0 * inf = NaN, except that inputs ±0 still give +0 (rare: only then the mask pass)."""
+    q = sign_from_(q, x).mul_(scale).clamp_(min=-FLT_MAX, max=FLT_MAX)
+    if bool(torch.isinf(scale).any()):
+        q.masked_fill_((x == 0).logical_and_(~torch.isnan(scale)), 0.0)
+    return q
 
 
 def mx_blocks(
@@ -128,7 +141,8 @@ def mx_blocks(
     Signs come from the input (formats.md §0), flushed blocks are +0.
     """
     k_max = 2 ** (k_bits - 1) - 1
-    amax = blocks.abs().amax(dim=-1, keepdim=True)  # [..., 1]; NaN/inf propagate
+    y = blocks.abs()  # [..., B]: the working buffer; |x| / 2^s and then the result are computed in it
+    amax = magnitude_max(y, -1)  # [..., 1]; NaN/inf propagate
     nonfinite = ~torch.isfinite(amax)
     positive = amax > 0
     safe_amax = torch.where(positive & ~nonfinite, amax, torch.ones_like(amax))
@@ -139,12 +153,12 @@ def mx_blocks(
     s = torch.clamp(s, -k_max, k_max)
     # Per-block factors (cheap): the scale carries the block's NaN so no full-size mask pass is needed.
     s_arith = s + fmt.frame
-    scale = torch.where(nan_block, torch.full_like(amax, float("nan")), pow2(s_arith))
-    y = blocks.abs().mul_(pow2(-s_arith))  # |x| / 2^s, one correctly rounded float32 product
+    scale = pow2(s_arith).masked_fill_(nan_block, float("nan"))
+    y.mul_(pow2(-s_arith))  # |x| / 2^s, one correctly rounded float32 product
     out = _scale_back_(quantize_elements(y, fmt, round_mode), scale, blocks)
     if flush_subnormal_blocks:
         flushed = positive & (exponent(safe_amax) <= -127)
-        out = out.masked_fill(flushed, 0.0)
+        out.masked_fill_(flushed, 0.0)
     return out
 
 
@@ -167,7 +181,8 @@ def quant_dequant_mx_hier(x: Tensor, q: QType) -> Tensor:
     blocks, restore = to_blocks(x, q.q_dim, q.blk_size * q.blk_outer_size)
     groups = blocks.unflatten(-1, (q.blk_outer_size, q.blk_size))  # [..., n_outer, BO, B]
 
-    amax = groups.abs().amax(dim=-1, keepdim=True)  # [..., n_outer, BO, 1]
+    a = groups.abs()  # [..., n_outer, BO, B]: the working buffer; |x| / 2^s and the result are computed in it
+    amax = magnitude_max(a, -1)  # [..., n_outer, BO, 1]
     nonfinite = ~torch.isfinite(amax)
     live = (amax > 0) & ~nonfinite
     safe_amax = torch.where(live, amax, torch.ones_like(amax))
@@ -184,7 +199,7 @@ def quant_dequant_mx_hier(x: Tensor, q: QType) -> Tensor:
     g = torch.maximum(g, outer - (2**q.k_bits - 1)).clamp(lo, hi)
     # Step 4: elements; below -254 every product is 0 or saturated alike, so clamp for fp32 arithmetic.
     s = (g + shift + fmt.frame).clamp(min=-254)
-    scale = torch.where(nonfinite, torch.full_like(amax, float("nan")), ldexp(torch.ones_like(amax), s))
-    # A group clamped at hi can overflow |x| / 2^g; it saturates, so cap it at FLT_MAX first.
-    q_mag = quantize_elements(ldexp(groups.abs(), -s).clamp_(max=FLT_MAX), fmt, q.round_mode)
+    scale = ldexp(torch.ones_like(amax), s).masked_fill_(nonfinite, float("nan"))
+    # |x| / 2^s; a group clamped at hi can overflow it; it saturates, so cap it at FLT_MAX first.
+    q_mag = quantize_elements(ldexp_(a, -s).clamp_(max=FLT_MAX), fmt, q.round_mode)
     return restore(_scale_back_(q_mag, scale, groups).flatten(-2))

@@ -14,11 +14,13 @@ Public: ``quant_dequant_nf4``, ``quant_dequant_nf4_double``, ``NF4_CODES``, ``NF
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import Tensor
 
 from ..qtype import QType
-from ._common import grid, to_blocks
+from ._common import grid, magnitude_max, round_half_away_, sign_from_, to_blocks
 
 __all__ = ["quant_dequant_nf4", "quant_dequant_nf4_double", "NF4_CODES", "NF4_THRESHOLDS", "NF4_BLOCK"]
 
@@ -49,25 +51,36 @@ def _f32(values, like: Tensor) -> Tensor:
     return torch.tensor(values, dtype=torch.float32, device=like.device)
 
 
-def _rhaz_(t: Tensor) -> Tensor:
-    """Round float32 ``t`` in [0, 8] to an integer with ties away from zero, exactly, in place, in two passes:
-    ``floor(fl32(t + p))`` with ``p = 0.5 - 2^-25``, the float32 just below 0.5.
+# nf4B's k: RHAZ in two in-place passes (``tests/test_nf4.py`` checks every tie in [0, 8] and its neighbours).
+_rhaz_ = round_half_away_
 
-    ``floor(fl32(t + 0.5))`` is wrong only at t = 0.5 - 2^-25: the sum 1 - 2^-25 is a tie and rounds up to 1
-    (formats.md §12.3). With p, a tie n + 1/2 becomes n + 1 - 2^-25, which rounds to n + 1 (2^-25 is below
-    half an ulp of sums in [1, 8]; at n = 0 it is the tie 1 - 2^-25, which rounds to the even 1), and any
-    t < n + 1/2 is at most n + 1/2 - ulp(t), which keeps the sum more than half an ulp below n + 1.
-    Checked against ``_common.round_int`` on every float32 in [0, 8] (a one-off run; ``tests/test_nf4.py``
-    checks every tie and its neighbours).
-    """
-    return t.add_(float.fromhex("0x1.fffffep-2")).floor_()
+# The index search (§9: the index of v is the number of thresholds below it). The top 12 bits of v's float32
+# pattern (sign, exponent, 3 fraction bits) name one of 4096 intervals of consecutive floats, and no interval
+# holds two thresholds: they are at least 0.08 apart, an interval at most 1/16 wide (checked where the tables
+# are built). So the thresholds below an interval can be counted once, in a table, and the index of v is that
+# count plus [v > the threshold inside v's interval]: one comparison per element instead of fifteen.
+_INTERVAL_SHIFT = 20  # the 32 - 12 low bits that vary inside an interval
 
 
-def _sign_from_(magnitude: Tensor, x: Tensor) -> Tensor:
-    """§0 Sign, in place on ``magnitude >= 0`` (or NaN): ``-|q|`` for negative ``x`` (so ``-0`` when it
-    quantized to zero), ``+|q|`` for positive ``x`` and for ``x = ±0``. Same as ``_common.apply_sign``,
-    without allocating two full-size tensors."""
-    return magnitude.copysign_(x).masked_fill_(x == 0, 0.0)
+@functools.lru_cache(maxsize=None)
+def _nf4_search_tables(device: torch.device) -> tuple[Tensor, Tensor]:
+    """Per interval (the top 12 bits of a float32 pattern): the number of thresholds below it (as float32)
+    and the threshold inside it (+inf where there is none, so that no v exceeds it)."""
+    thresholds = torch.tensor(NF4_THRESHOLDS, dtype=torch.float32)
+    first = torch.arange(1 << 12, dtype=torch.int32) << _INTERVAL_SHIFT  # each interval's smallest magnitude
+    ends = torch.stack([first, first | ((1 << _INTERVAL_SHIFT) - 1)]).view(torch.float32)  # [2, 4096]
+    # The interval [lo, hi] of values (for negative v the largest magnitude is the lowest value). Intervals with
+    # exponent 255 hold +inf or -inf and NaN patterns; they count as {±inf} (v is never NaN, see below).
+    lo = torch.where(torch.isnan(ends[1]), ends[0], ends.amin(0))
+    hi = torch.where(torch.isnan(ends[1]), ends[0], ends.amax(0))
+    below = (thresholds < lo[:, None]).sum(1)  # [4096]; NaN intervals (never looked up) count 0
+    inside = (thresholds >= lo[:, None]) & (thresholds < hi[:, None])  # [4096, 15]
+    if int(inside.sum(1).max()) > 1:
+        raise RuntimeError("nf4 search tables: an interval holds two thresholds")
+    threshold = torch.full((1 << 12,), float("inf"))
+    rows, cols = inside.nonzero(as_tuple=True)
+    threshold[rows] = thresholds[cols]
+    return below.to(torch.float32).to(device), threshold.to(device)
 
 
 def quant_dequant_nf4(x: Tensor, q: QType) -> Tensor:
@@ -79,19 +92,22 @@ def quant_dequant_nf4(x: Tensor, q: QType) -> Tensor:
     amax = torch.maximum(high.abs(), low.abs())  # [..., n_blocks, 1]; abs makes an all-zero block's A +0
     # fl32(1/A); an all-zero block divides by 1 instead, its v = 0 gives code 7 and so +0.
     inv = _f32(1.0, amax) / torch.where(amax > 0, amax, 1.0)
-    # fl32(x * fl32(1/A)), written contiguously: the 15 passes below then stream (blocks may be strided).
+    # fl32(x * fl32(1/A)), written contiguously (blocks may be strided) so that it can be read as one row.
     v = torch.mul(blocks, inv, out=torch.empty(blocks.shape, dtype=torch.float32, device=blocks.device))
+    flat = v.view(-1)
     # The index is the number of thresholds strictly below v, so an exact tie takes the smaller index, and
     # v = NaN counts none. That happens for finite input: an absmax below 2^-128 has 1/A = inf, and a zero
     # element then has v = 0 * inf = NaN, which lands on code 0 = -1, as in bitsandbytes' comparison tree.
-    # (15 in-place comparisons are 2x faster than torch.bucketize on CPU, and bucketize sorts NaN last.)
-    index = torch.zeros(v.shape, dtype=torch.uint8, device=v.device)
-    above = torch.empty(v.shape, dtype=torch.bool, device=v.device)
-    for t in _f32(NF4_THRESHOLDS, v):  # 15 thresholds, not a loop over blocks or elements
-        index.add_(torch.gt(v, t, out=above))
-    codes = _f32(NF4_CODES, v).index_select(0, index.reshape(-1).to(torch.int32)).reshape(v.shape)
+    # -inf also counts none, so NaN becomes -inf (infinities stay).
+    flat.nan_to_num_(nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
+    below, threshold = _nf4_search_tables(v.device)
+    interval = torch.bitwise_right_shift(flat.view(torch.int32), _INTERVAL_SHIFT).bitwise_and_(0xFFF)
+    index = torch.index_select(below, 0, interval)  # as float32; exact small integers
+    index.add_(torch.index_select(threshold, 0, interval).lt_(flat))  # + [v > its interval's threshold]
+    index = interval.copy_(index)  # as int32, in the buffer of the interval numbers
+    torch.index_select(_f32(NF4_CODES, v), 0, index, out=flat)  # the codes, in v's buffer
     a_mul = torch.where(torch.isfinite(amax), amax, float("nan"))  # NaN blocks: c * NaN = NaN
-    return restore(codes.mul_(a_mul))  # fl32(c_idx * A); code 7 gives 0 * A = +0 (nf4 has no -0)
+    return restore(v.mul_(a_mul))  # fl32(c_idx * A); code 7 gives 0 * A = +0 (nf4 has no -0)
 
 
 def quant_dequant_nf4_double(x: Tensor, q: QType) -> Tensor:
@@ -104,8 +120,8 @@ def quant_dequant_nf4_double(x: Tensor, q: QType) -> Tensor:
     bo, b = q.blk_outer_size, q.blk_size
     blocks, restore = to_blocks(x, q.q_dim, bo * b)  # [..., n_outer, BO*B]
     groups = blocks.unflatten(-1, (bo, b))  # [..., n_outer, BO, B]
-    y = groups.abs()  # the one full-size buffer; the element steps below work in place
-    gm = y.amax(dim=-1, keepdim=True)  # [..., n_outer, BO, 1]
+    y = groups.abs()  # the working buffer; the element steps below work in it
+    gm = magnitude_max(y, -1)  # [..., n_outer, BO, 1]
     finite = torch.isfinite(gm)
     gmm = torch.where(finite, gm, 0.0).amax(dim=-2, keepdim=True)  # [..., n_outer, 1, 1]
     dq_max, levels = _f32(_DQ_MAX, gm), _f32(_LEVELS, gm)
@@ -118,5 +134,5 @@ def quant_dequant_nf4_double(x: Tensor, q: QType) -> Tensor:
     gd = torch.where(finite, gd, float("nan"))  # groups with NaN/inf are NaN
     # k = RHAZ(fl32(fl32(|x| / gm) * 7)): |x| <= gm, so k is in 0..7 (inf elements only occur in NaN groups).
     k = _rhaz_(y.div_(gm_div).mul_(levels))
-    _sign_from_(k, groups)  # ±k / 7 = ±(k / 7) and ±(k/7) * gd = ±((k/7) * gd): rounding is symmetric
+    sign_from_(k, groups)  # ±k / 7 = ±(k / 7) and ±(k/7) * gd = ±((k/7) * gd): rounding is symmetric
     return restore(k.div_(levels).mul_(gd).flatten(-2))  # ±fl32(fl32(k/7) * gd)

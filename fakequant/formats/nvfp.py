@@ -28,7 +28,7 @@ from torch import Tensor
 
 from ..qtype import QType
 from . import check_input
-from ._common import FLT_MAX, grid, to_blocks
+from ._common import FLT_MAX, grid, magnitude_max, row_pieces, sign_from_, to_blocks
 
 __all__ = [
     "quant_dequant_nvf4",
@@ -80,13 +80,6 @@ def _e2m1_round_(y: Tensor) -> Tensor:
     c.clamp_(min=127 << 23).add_(22 << 23)  # 2^(22 + max(E(y), 0)) as float32 bits
     c = c.view(torch.float32)
     return y.add_(c).sub_(c)
-
-
-def _sign_from_(magnitude: Tensor, x: Tensor) -> Tensor:
-    """§0 Sign, in place on ``magnitude >= 0`` (or NaN): ``-|q|`` for negative ``x`` (so ``-0`` when it
-    quantized to zero), ``+|q|`` for positive ``x`` and for ``x = ±0``. Same as ``_common.apply_sign``,
-    without allocating two full-size tensors."""
-    return magnitude.copysign_(x).masked_fill_(x == 0, 0.0)
 
 
 def e2m1_encode(values: Tensor) -> Tensor:
@@ -253,16 +246,14 @@ def quant_dequant_nvf4(x: Tensor, q: QType) -> Tensor:
     q = min(grid(fl32(|x|/S); 1, 0), 6) ties to even; result ±q·S (exact). S = 0 gives zeros; a block
     with a NaN or ±inf is NaN."""
     blocks, restore = to_blocks(x, q.q_dim, BLOCK)  # [..., n_blocks, 16]
-    y = blocks.abs()  # the one full-size buffer; every step below works in place
-    amax = y.amax(dim=-1, keepdim=True)  # [..., n_blocks, 1]; NaN/inf propagate
+    y = blocks.abs()  # the working buffer; every step below works in it
+    amax = magnitude_max(y, -1)  # [..., n_blocks, 1]; NaN/inf propagate
     s = _nvf4_scale(amax)
     # Divide by 1 where S = 0 (the products with S = 0 below are then 0); multiply NaN blocks by NaN.
     s_div = torch.where(s > 0, s, 1.0)
     s_mul = torch.where(torch.isfinite(amax), s, float("nan"))
-    y.div_(s_div)  # fl32(|x| / S)
-    _e2m1_round_(y)  # q
-    _sign_from_(y, blocks)
-    return restore(y.mul_(s_mul))  # ±q * S: at most 2 + 4 significant bits, exact
+    _e2m1_round_(y.div_(s_div))  # q = E2M1(fl32(|x| / S))
+    return restore(sign_from_(y, blocks).mul_(s_mul))  # ±q * S: at most 2 + 4 significant bits, exact
 
 
 def quant_dequant_nvfp4(x: Tensor, q: QType) -> Tensor:
@@ -273,16 +264,18 @@ def quant_dequant_nvfp4(x: Tensor, q: QType) -> Tensor:
     A = 0 or S = 0 give zeros; a block with a NaN or ±inf is NaN (its finite elements still count in A).
     """
     blocks, restore = to_blocks(x, q.q_dim, BLOCK)  # [..., n_blocks, 16]
-    y = blocks.abs()  # the one full-size buffer; every step below works in place
-    amax = y.amax(dim=-1, keepdim=True)  # [..., n_blocks, 1]; NaN/inf propagate
+    y = blocks.abs()  # the working buffer; every step below works in it, in row_pieces (see below)
+    amax = magnitude_max(y, -1)  # [..., n_blocks, 1]; NaN/inf propagate
     nonfinite = ~torch.isfinite(amax)
     g, s = _nvfp4_scales(y, amax, nonfinite)
     one = _const(1.0, amax)
     enc = torch.minimum(one / (s * (one / g)), _const(FLT_MAX, amax))  # S = 0: 1/0 = inf -> FLT_MAX
     s_mul = torch.where(nonfinite, float("nan"), s)
-    y.mul_(enc)  # fl32(|x| * enc)
-    _e2m1_round_(y)  # q = E2M1(min(., 6))
-    _sign_from_(y, blocks)
-    # ±q * S is exact (at most 2 + 4 significant bits), so dividing it by g is the one rounding of q·S/g,
-    # and rounding is symmetric, so the sign can go on first.
-    return restore(y.mul_(s_mul).div_(g))
+    # The per-tensor scale keeps nvfp4 from being quantized in pieces by reference_quant_dequant, so its
+    # elementwise steps go through the blocks in row_pieces here (small temporaries, cache-resident passes).
+    for y_piece, x_piece, enc_piece, mul_piece in row_pieces(y, blocks, enc, s_mul):
+        _e2m1_round_(y_piece.mul_(enc_piece))  # q = E2M1(min(fl32(|x| * enc), 6))
+        # ±q * S is exact (at most 2 + 4 significant bits), so dividing it by g is the one rounding of q·S/g,
+        # and rounding is symmetric, so the sign can go on first.
+        sign_from_(y_piece, x_piece).mul_(mul_piece).div_(g)
+    return restore(y)
