@@ -82,6 +82,24 @@ def test_all_zero_input_gives_zeros(name):
     assert_bitwise_equal(fakequant.quant_dequant(z, QType(name)), z)
 
 
+@pytest.mark.parametrize("name", ONE_PER_FAMILY)
+def test_large_tensors_in_pieces_equal_whole(name, monkeypatch):
+    """reference_quant_dequant quantizes a large tensor in pieces split along another axis (every family but
+    nvfp4, whose scale is per tensor); the result is the one of the whole tensor, on every axis and dtype."""
+    x = _sample((9, 5, 130), seed=6)
+    x[1, 2, :40] = -0.0  # -0 and NaN in some pieces only
+    x[4, 0, 3] = float("nan")
+    for d in (0, 1, 2):
+        for dtype in (torch.float32, torch.bfloat16):
+            q, xd = QType(name).dim(d), x.to(dtype)
+            monkeypatch.setattr(fakequant.formats._common, "PIECE_ELEMENTS", 1 << 30)
+            whole = fakequant.quant_dequant(xd, q, backend="torch")
+            monkeypatch.setattr(fakequant.formats._common, "PIECE_ELEMENTS", 600)
+            pieces = fakequant.quant_dequant(xd, q, backend="torch")
+            assert pieces.is_contiguous()
+            assert_bitwise_equal(pieces, whole)
+
+
 def test_padding_does_not_change_values():
     """A ragged tail is padded with zeros, which never raise a block maximum."""
     x = _sample((2, 45), seed=4)

@@ -2,7 +2,8 @@
 
 These functions define the numbers; every fast path (Triton, NPU) must equal them bit for bit.
 ``reference_quant_dequant`` applies the rules common to every family (§0: dtype handling, axis checks,
-empty and 0-dim tensors) and calls the family's function on a float32 tensor.
+empty and 0-dim tensors) and calls the family's function on a float32 tensor (a large one in pieces split
+along another axis, which the family's blocks do not cross).
 
 Public: ``reference_quant_dequant``, ``REFERENCE_IMPLS``, ``check_input``.
 """
@@ -16,6 +17,7 @@ import torch
 from torch import Tensor
 
 from ..qtype import QType
+from . import _common
 from ._common import saturating_cast, saturating_cast_
 
 __all__ = ["reference_quant_dequant", "REFERENCE_IMPLS", "check_input", "as_qtype"]
@@ -73,6 +75,15 @@ def check_input(x: Tensor, q: QType) -> int:
     return q.q_dim % rank
 
 
+# Large tensors are quantized in pieces of about PIECE_ELEMENTS elements, split along an axis other than the
+# quantization axis. A piece holds whole blocks (and whole int8sym slices), so it is quantized exactly as in
+# the whole tensor; and every temporary of the family's code is then small enough for the allocator to reuse
+# and for the cache to hold. Full-size temporaries are mapped afresh from the OS on every call, page by page:
+# on CPU that, not arithmetic, was the reference's largest cost. nvfp4's per-tensor scale depends on the whole
+# tensor (its code goes through the blocks in pieces itself).
+_WHOLE_TENSOR_FAMILIES = ("nvfp4",)
+
+
 def reference_quant_dequant(x: Tensor, q: QType | str) -> Tensor:
     """Fake-quantize ``x`` with ``q`` using the plain-torch reference; same shape and dtype out."""
     q = as_qtype(q)
@@ -81,11 +92,29 @@ def reference_quant_dequant(x: Tensor, q: QType | str) -> Tensor:
         return x.clone()
     if q.family == "cast":
         return x.to(_CAST_DTYPES[q.name]).to(x.dtype)  # plain IEEE casts (formats.md §10)
-    x32 = x.reshape(1) if x.dim() == 0 else x
-    x32 = x32.to(torch.float32)  # exact for fp16/bf16; fp64 is rounded to fp32 first (formats.md §0)
-    out = reference_impl(q)(x32, q.dim(dim))
-    # A contiguous result (not a view into the padded, axis-moved buffer): GEMM and attention kernels pick
-    # their path by stride, and a view would keep the padding alive.
+    shape = x.shape
+    x = x.reshape(1) if x.dim() == 0 else x  # a 0-dim tensor is one element along a length-1 axis
+    impl, q = reference_impl(q), q.dim(dim)
     # Only hif8 with saturate=False means to return ±inf; every other family's result can be clamped in place.
     cast = saturating_cast if q.family == "hif8" and not q.saturating else saturating_cast_
-    return cast(out, x.dtype).reshape(x.shape).contiguous()
+    # The input is converted to float32 (exact for fp16/bf16; fp64 is rounded to fp32 first, formats.md §0),
+    # quantized, and cast back. The result is contiguous (not a view into the padded, axis-moved buffer): GEMM
+    # and attention kernels pick their path by stride, and a view would keep the padding alive.
+    axis = _piece_axis(x, q)
+    if axis is None:
+        return cast(impl(x.to(torch.float32), q), x.dtype).reshape(shape).contiguous()
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    rows = max(1, _common.PIECE_ELEMENTS * x.shape[axis] // x.numel())
+    for x_piece, out_piece in zip(x.split(rows, axis), out.split(rows, axis)):
+        out_piece.copy_(cast(impl(x_piece.to(torch.float32), q), x.dtype))
+    return out
+
+
+def _piece_axis(x: Tensor, q: QType) -> int | None:
+    """The axis along which ``reference_quant_dequant`` splits ``x`` (the longest one other than the
+    quantization axis), or None to quantize it whole: small tensors, nvfp4, searched (``mse``) scales (their
+    own code path), and tensors with no other axis."""
+    if x.numel() <= _common.PIECE_ELEMENTS or q.family in _WHOLE_TENSOR_FAMILIES or q.scale_mode == "mse":
+        return None
+    others = [d for d in range(x.dim()) if d != q.q_dim % x.dim() and x.shape[d] > 1]
+    return max(others, key=lambda d: x.shape[d]) if others else None
