@@ -75,12 +75,13 @@ def check_input(x: Tensor, q: QType) -> int:
     return q.q_dim % rank
 
 
-# Large tensors are quantized in pieces of about PIECE_ELEMENTS elements, split along an axis other than the
-# quantization axis. A piece holds whole blocks (and whole int8sym slices), so it is quantized exactly as in
-# the whole tensor; and every temporary of the family's code is then small enough for the allocator to reuse
-# and for the cache to hold. Full-size temporaries are mapped afresh from the OS on every call, page by page:
-# on CPU that, not arithmetic, was the reference's largest cost. nvfp4's per-tensor scale depends on the whole
-# tensor (its code goes through the blocks in pieces itself).
+# On CPU, large tensors are quantized in pieces of about PIECE_ELEMENTS elements, split along an axis other
+# than the quantization axis. A piece holds whole blocks (and whole int8sym slices), so it is quantized exactly
+# as in the whole tensor; and every temporary of the family's code is then small enough for the allocator to
+# reuse and for the cache to hold. Full-size temporaries are mapped afresh from the OS on every call, page by
+# page: that, not arithmetic, was the reference's largest cost on CPU. (GPU allocators cache memory, and there
+# fewer, larger launches are better.) nvfp4's per-tensor scale depends on the whole tensor (its code goes
+# through the blocks in pieces itself).
 _WHOLE_TENSOR_FAMILIES = ("nvfp4",)
 
 
@@ -112,9 +113,11 @@ def reference_quant_dequant(x: Tensor, q: QType | str) -> Tensor:
 
 def _piece_axis(x: Tensor, q: QType) -> int | None:
     """The axis along which ``reference_quant_dequant`` splits ``x`` (the longest one other than the
-    quantization axis), or None to quantize it whole: small tensors, nvfp4, searched (``mse``) scales (their
-    own code path), and tensors with no other axis."""
-    if x.numel() <= _common.PIECE_ELEMENTS or q.family in _WHOLE_TENSOR_FAMILIES or q.scale_mode == "mse":
+    quantization axis), or None to quantize it whole: small tensors, tensors not on the CPU, nvfp4, searched
+    (``mse``) scales (their own code path), and tensors with no other axis."""
+    if x.numel() <= _common.PIECE_ELEMENTS or x.device.type != "cpu":
+        return None
+    if q.family in _WHOLE_TENSOR_FAMILIES or q.scale_mode == "mse":
         return None
     others = [d for d in range(x.dim()) if d != q.q_dim % x.dim() and x.shape[d] > 1]
     return max(others, key=lambda d: x.shape[d]) if others else None

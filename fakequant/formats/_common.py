@@ -24,7 +24,7 @@ PIECE_ELEMENTS = 1 << 18
 
 def row_pieces(*tensors: Tensor) -> Iterable[tuple[Tensor, ...]]:
     """Matching views of ``tensors``, split along dim 0 (which all share) into pieces of about PIECE_ELEMENTS
-    elements of the first; 0-dim tensors come whole.
+    elements of the first; 0-dim tensors, and tensors not on the CPU, come whole.
 
     For a quantizer that ``reference_quant_dequant`` does not split for it (nvfp4, whose scale is per tensor):
     its elementwise steps, everything after the block statistics, run piece by piece, so that their
@@ -33,7 +33,7 @@ def row_pieces(*tensors: Tensor) -> Iterable[tuple[Tensor, ...]]:
     computed alone, so the results do not depend on the split.
     """
     first = tensors[0]
-    if first.dim() == 0:
+    if first.dim() == 0 or first.device.type != "cpu":
         return [tensors]
     if any(t.dim() == 0 or t.shape[0] != first.shape[0] for t in tensors):
         shapes = [tuple(t.shape) for t in tensors]
