@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import socket
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,18 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def end_gloo_worker() -> None:
+    """End a spawned worker that ran a gloo process group, once it has finished and destroyed the group,
+    without running destructors. Why: tearing down a gloo group (its last reference goes when the DDP
+    reducer is freed) joins the group's run-loop thread while holding the GIL, and that thread may need the
+    GIL to free its last work's thread-local state: a deadlock seen in about one run in ten (stack from
+    py-spy: ProcessGroupGloo::~ProcessGroupGloo -> std::thread::join, against AsyncWork::~AsyncWork ->
+    gil_scoped_acquire). The worker's files are closed by then; its exit code 0 is all the parent reads."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def bitwise_mismatches(actual: torch.Tensor, expected: torch.Tensor) -> int:

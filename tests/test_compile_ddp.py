@@ -13,7 +13,7 @@ from torch import nn
 
 from fakequant import FakeQuantConfig, patch
 
-from .conftest import assert_bitwise_equal, free_port
+from .conftest import assert_bitwise_equal, end_gloo_worker, free_port
 from .tiny_gpt import GPTConfig, TinyGPT, synthetic_batch
 
 
@@ -95,6 +95,7 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         )
     finally:
         dist.destroy_process_group()
+    end_gloo_worker()  # reached only when the worker succeeded
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo")

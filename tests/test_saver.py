@@ -21,7 +21,7 @@ from fakequant.saver import (
     TensorSaver, every, load, load_file, read_manifest, sanitise, save_file, serialize, deserialize,
 )
 
-from .conftest import assert_bitwise_equal, free_port
+from .conftest import assert_bitwise_equal, end_gloo_worker, free_port
 from .saver_run import CONFIG, GPT, LAYER_REGEX, LAYERS, N_STEPS, OPERANDS, STEPS, train_with_saver
 from .tiny_gpt import TinyGPT, synthetic_batch
 
@@ -395,6 +395,7 @@ def _ddp_worker(rank: int, world: int, port: int, out_dir: str) -> None:
         assert saver.rank == rank
     finally:
         dist.destroy_process_group()
+    end_gloo_worker()  # reached only when the worker succeeded
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo")
@@ -452,6 +453,7 @@ def _append_worker(rank: int, world: int, port: int, out_dir: str, lock: str) ->
         assert len(saver.files) == 6 * N_APPEND_STEPS
     finally:
         dist.destroy_process_group()
+    end_gloo_worker()  # reached only when the worker succeeded
 
 
 @pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs torch.distributed gloo")
