@@ -72,7 +72,7 @@ def _nf4_kernel(
 
 # Tile per element size (bytes): "row" (elements, warps) along the last axis, "col" (elements along the
 # axis, columns, warps) otherwise; the best of scripts/bench_kernels.py --sweep on an H100 (docs/benchmarks.md).
-TILES = {2: {"row": (1024, 2), "col": (64, 32, 1)}, 4: {"row": (512, 2), "col": (64, 32, 1)}}
+TILES = {2: {"row": (1024, 2), "col": (64, 64, 4)}, 4: {"row": (512, 2), "col": (64, 32, 1)}}
 
 
 @functools.cache

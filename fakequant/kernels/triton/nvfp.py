@@ -134,7 +134,7 @@ def _nvfp_kernel(
 # --------------------------------------------------------------------------------------------- launchers
 # Tile per element size (bytes): "row" (elements, warps) along the last axis, "col" (elements along the
 # axis, columns, warps) otherwise; the best of scripts/bench_kernels.py --sweep on an H100 (docs/benchmarks.md).
-NVF4_TILES = {2: {"row": (512, 2), "col": (16, 32, 1)}, 4: {"row": (512, 2), "col": (16, 256, 8)}}
+NVF4_TILES = {2: {"row": (512, 2), "col": (16, 128, 2)}, 4: {"row": (512, 2), "col": (16, 256, 8)}}
 NVFP4_TILES = {2: {"row": (1024, 2), "col": (16, 512, 4)}, 4: {"row": (1024, 4), "col": (16, 512, 4)}}
 
 

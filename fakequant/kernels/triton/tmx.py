@@ -73,7 +73,7 @@ def _tmx_kernel(
 
 # Tile per element size (bytes): "row" (elements, warps) along the last axis, "col" (elements along the
 # axis, columns, warps) otherwise; the best of scripts/bench_kernels.py --sweep on an H100 (docs/benchmarks.md).
-TILES = {2: {"row": (1024, 2), "col": (16, 512, 4)}, 4: {"row": (512, 2), "col": (16, 512, 4)}}
+TILES = {2: {"row": (1024, 2), "col": (16, 256, 2)}, 4: {"row": (512, 2), "col": (16, 512, 4)}}
 
 
 def quant_dequant_tmx(x: torch.Tensor, q: QType, tile: tuple[int, int, int] | None = None) -> torch.Tensor:
