@@ -233,41 +233,37 @@ def _parse(desc: str) -> QType:
 
 # ``quant_dequant`` as one opaque op, so that torch.compile traces the autograd functions without a graph
 # break and runs the quantizer (whichever backend dispatch picks) exactly as in eager mode.
-def _quantize_operand(x: Tensor, qtype: str) -> Tensor:
-    # Contiguous: GEMM and SDPA kernels choose their path by stride.
+@contextlib.contextmanager
+def _quantizing():
+    """Mark this thread as inside a quantizer (``_QUANTIZING.depth``) for the duration."""
     _QUANTIZING.depth = getattr(_QUANTIZING, "depth", 0) + 1
     try:
-        return quant_dequant(x, _parse(qtype)).contiguous()
+        yield
     finally:
         _QUANTIZING.depth -= 1
+
+
+# The results are made contiguous: GEMM and SDPA kernels choose their path by stride.
+def _quantize_operand(x: Tensor, qtype: str) -> Tensor:
+    with _quantizing():
+        return quant_dequant(x, _parse(qtype)).contiguous()
 
 
 def _quantize_operand_pair(x: Tensor, qtype_a: str, qtype_b: str) -> tuple[Tensor, Tensor]:
-    _QUANTIZING.depth = getattr(_QUANTIZING, "depth", 0) + 1
-    try:
-        a, b = quant_dequant_pair(x, _parse(qtype_a), _parse(qtype_b))
-        return a.contiguous(), b.contiguous()
-    finally:
-        _QUANTIZING.depth -= 1
+    with _quantizing():
+        return tuple(t.contiguous() for t in quant_dequant_pair(x, _parse(qtype_a), _parse(qtype_b)))
 
 
 def _quantize_operands_two(a: Tensor, q_a: str, b: Tensor, q_b: str) -> tuple[Tensor, Tensor]:
-    _QUANTIZING.depth = getattr(_QUANTIZING, "depth", 0) + 1
-    try:
-        ya, yb = quant_dequant_two(a, _parse(q_a), b, _parse(q_b))
-        return ya.contiguous(), yb.contiguous()
-    finally:
-        _QUANTIZING.depth -= 1
+    with _quantizing():
+        return tuple(t.contiguous() for t in quant_dequant_two(a, _parse(q_a), b, _parse(q_b)))
 
 
 def _quantize_backward(dy: Tensor, q_dd: str, q_dw: str, w: Tensor, q_w: str, x: Tensor, q_x: str
                        ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    _QUANTIZING.depth = getattr(_QUANTIZING, "depth", 0) + 1
-    try:
+    with _quantizing():
         outs = quant_dequant_pair_two(dy, _parse(q_dd), _parse(q_dw), w, _parse(q_w), x, _parse(q_x))
         return tuple(t.contiguous() for t in outs)
-    finally:
-        _QUANTIZING.depth -= 1
 
 
 @torch.library.custom_op("fakequant::gemm_backward_qdq", mutates_args=())

@@ -77,11 +77,8 @@ class Implementation:
     def resolve(self) -> Callable[[Tensor, QType], Tensor]:
         if callable(self.fn):
             return self.fn
-        fn = _STATE.resolved.get(self.fn)
-        if fn is None:  # imported on first use; reset_self_tests() forgets it (tests monkeypatch kernels)
-            module, func = self.fn.split(":")
-            fn = _STATE.resolved[self.fn] = getattr(importlib.import_module(module), func)
-        return fn
+        module, func = self.fn.split(":")
+        return getattr(_module(module), func)  # looked up per call: tests monkeypatch kernels
 
     def can_run(self, x: Tensor, q: QType) -> tuple[bool, str]:
         return (True, "") if self.check is None else self.check(x, q)
@@ -102,7 +99,6 @@ class _State:
     # (QType, axis, device type, dtype, requested backend) -> the Implementation chosen for it: a call that
     # was decided once (capability checked, self-test passed) is decided the same way again, in a lookup
     fast: dict[tuple, Implementation] = field(default_factory=dict)
-    resolved: dict[str, Callable] = field(default_factory=dict)  # "module:function" -> the function
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
@@ -151,7 +147,6 @@ def register(
                     order.append(backend)
         _STATE.self_tests.clear()
         _STATE.fast.clear()
-        _STATE.resolved.clear()
 
 
 def set_backend_status(backend: str, ok: bool, reason: str) -> None:
@@ -384,7 +379,6 @@ def reset_self_tests() -> None:
         _STATE.warned.clear()
         _STATE.chosen.clear()
         _STATE.fast.clear()
-        _STATE.resolved.clear()
 
 
 def canary(q: QType, dtype: torch.dtype, device: torch.device | str) -> Tensor:
@@ -513,14 +507,14 @@ TRITON_KERNELS = {
 _TRITON_STATUS: list = []  # [(ok, reason)] once probed
 
 
+def _module(name: str):
+    """The module ``name``, imported on first use; later calls are a ``sys.modules`` lookup (importlib's
+    own path costs microseconds, on every quantization)."""
+    return sys.modules.get(name) or importlib.import_module(name)
+
+
 def _triton_module(name: str):
-    mod = _TRITON_MODULES.get(name)
-    if mod is None:  # imported on first use only; its attributes are still looked up per call
-        mod = _TRITON_MODULES[name] = importlib.import_module(f"fakequant.kernels.triton.{name}")
-    return mod
-
-
-_TRITON_MODULES: dict = {}
+    return _module(f"fakequant.kernels.triton.{name}")
 
 
 def _triton_available() -> tuple[bool, str]:

@@ -373,17 +373,22 @@ def plan_tiles(g: Geometry, block: int, block_pow2: int, elem_size: int, interpr
 def block_segment(x: torch.Tensor, y: torch.Tensor, q, block: int, tiles: dict | None, tile: tuple | None,
                   extra: tuple = ()) -> tuple[int, tuple, dict, int]:
     """One tensor's share of a block-kernel launch: its programs, its positional arguments ``(x, y, *extra,
-    n_blocks, n_row_blocks, L, I, cs)``, its tiling constexprs and the warps its tile was measured with."""
+    n_blocks, n_row_blocks, L, I, cs)``, its tiling constexprs (NBLK, BI, COL, SCALAR, EVEN; the ones a launch
+    shares come from ``shared_constants``) and the warps its tile was measured with."""
     g = geometry(x, q.q_dim)
     interp = is_interpreted(x)
     plan = plan_tiles(g, block, next_pow2(block), x.element_size(), interp, override=tile, tiles=tiles)
     n_row_blocks = -(-g.length // block)
     args = (x, y, *extra, g.outer * n_row_blocks, n_row_blocks, g.length, g.inner, 1)
-    consts = dict(
-        NBLK=plan.nblk, BI=plan.bi, COL=plan.col, SCALAR=plan.scalar, EVEN=g.length % block == 0,
-        I64=x.numel() >= I64_FROM, OUT_KIND=out_kind(x.dtype), INTERPRET=interp,
-    )
+    consts = dict(NBLK=plan.nblk, BI=plan.bi, COL=plan.col, SCALAR=plan.scalar, EVEN=g.length % block == 0)
     return plan.grid, args, consts, plan.num_warps
+
+
+def shared_constants(*xs: torch.Tensor) -> dict:
+    """The constexprs every tensor of a launch shares (one dtype, one device): int64 offsets if any tensor
+    needs them, the output dtype, interpreted or compiled."""
+    return dict(I64=any(t.numel() >= I64_FROM for t in xs), OUT_KIND=out_kind(xs[0].dtype),
+                INTERPRET=is_interpreted(xs[0]))
 
 
 def launch_block_kernel(kernel, x: torch.Tensor, y: torch.Tensor, q, block: int, tiles: dict | None,
@@ -395,7 +400,8 @@ def launch_block_kernel(kernel, x: torch.Tensor, y: torch.Tensor, q, block: int,
 
     def prepare():
         grid, args, consts, warps = block_segment(x, y, q, block, tiles, tile, extra)
-        return (grid,), args, dict(**consts, **(constants or {}), num_warps=warps, enable_fp_fusion=False)
+        return (grid,), args, dict(**consts, **shared_constants(x), **(constants or {}), num_warps=warps,
+                                   enable_fp_fusion=False)
 
     launch(kernel, (q, block, x.shape, x.dtype, tile), (x, y, *extra), prepare)
 

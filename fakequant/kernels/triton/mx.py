@@ -21,9 +21,9 @@ import triton.language as tl
 
 from ...qtype import QType
 from ._common import (
-    block_segment, I64_FROM, bits_of, cast_out, cdiv, check_input, col_tile, copysign_plus, exponent_and_fraction,
-    float_of, is_interpreted, launch, launch_block_kernel, load_f32, max_keep, next_pow2, out_kind, pow2,
-    round_to_int, row_tile, saturation,
+    bits_of, block_segment, cast_out, cdiv, check_input, col_tile, copysign_plus, exponent_and_fraction,
+    float_of, is_interpreted, launch, launch_block_kernel, load_f32, max_keep, next_pow2, pow2,
+    round_to_int, row_tile, saturation, shared_constants,
 )
 
 __all__ = ["fusable_pair", "mx_constants", "quant_dequant_mx", "quant_dequant_mx_pair"]
@@ -315,10 +315,8 @@ def quant_dequant_mx(x: torch.Tensor, q: QType, tile: tuple[int, int, int] | Non
 
 def _single_segment(x: torch.Tensor, y: torch.Tensor, q: QType) -> tuple[int, tuple, dict, int]:
     """One tensor's share of a grouped launch: programs, ``_mx_program``'s arguments, its constexprs (tile
-    and format, without the shared I64 / OUT_KIND / INTERPRET / SAT) and its warps."""
+    and format; the shared ones come from ``_shared``) and its warps."""
     grid, args, consts, warps = block_segment(x, y, q, q.blk_size, TILES, None)
-    for shared in ("I64", "OUT_KIND", "INTERPRET"):
-        del consts[shared]
     return grid, args, dict(B=q.blk_size, BP=next_pow2(q.blk_size), **consts, **mx_constants(q)), warps
 
 
@@ -342,10 +340,8 @@ def _prefixed(prefix: str, consts: dict) -> dict:
 
 
 def _shared(*xs: torch.Tensor) -> dict:
-    """The constexprs every segment of a launch shares: one dtype and device, int64 offsets if any needs them."""
-    x = xs[0]
-    return dict(I64=any(t.numel() >= I64_FROM for t in xs), SAT=saturation(x.dtype), OUT_KIND=out_kind(x.dtype),
-                INTERPRET=is_interpreted(x))
+    """``shared_constants`` plus the saturation bound of the one output dtype."""
+    return dict(shared_constants(*xs), SAT=saturation(xs[0].dtype))
 
 
 def quant_dequant_mx_two(x_a: torch.Tensor, q_a: QType, x_b: torch.Tensor, q_b: QType
