@@ -13,6 +13,10 @@ run on the same activations:
   This is the GPU time of the op itself, the figure the ratios use.
 * **events**: ``triton.testing.do_bench`` (L2 flushed before each call, one launch per call): adds the host
   launch cost, which matters at batch 1-16 where the ops take a few microseconds.
+* **launch**: an empty Triton kernel, same graph timing: the fixed cost every call pays.
+* **read floor**: per weight shape, the fastest of a few plain streaming kernels that only read the packed bytes
+  (codes and scales, cold, same graph timing) and xor them: no fused kernel can beat it, so it says how much
+  of a target time is left for decoding and multiplying.
 
 "fused" is the fastest fused-kernel configuration the tuner measured; "auto" is what ``QuantLinear`` runs, the
 tuner's overall choice, which at large batches may be the dequantize-then-cuBLAS path.
@@ -31,6 +35,7 @@ import statistics
 import torch
 import torch.nn.functional as F
 import triton
+import triton.language as tl
 import triton.testing
 
 from fakequant.kernels.triton import quant_linear as qlk
@@ -63,6 +68,39 @@ def graph_time_us(fn_list, trials: int = 7, replays: int = 10) -> float:
     return statistics.median(times)
 
 
+@triton.jit
+def _stream_read_kernel(src_ptr, out_ptr, n_words, CHUNK: tl.constexpr, ITERS: tl.constexpr):
+    """Read ITERS contiguous chunks of CHUNK int32 words per program and write their xor: a pure read."""
+    base = tl.program_id(0) * CHUNK * ITERS
+    acc = tl.full((CHUNK,), 0, tl.int32)
+    for i in tl.static_range(ITERS):
+        offs = base + i * CHUNK + tl.arange(0, CHUNK)
+        acc ^= tl.load(src_ptr + offs, mask=offs < n_words, other=0)
+    tl.store(out_ptr + tl.program_id(0), tl.xor_sum(acc, axis=0))
+
+
+# (words per chunk, chunks per program, warps): the best of a wider sweep on an H100 for 8.9 and 35.6 MB.
+_STREAM_CONFIGS = [(1024, 1, 4), (512, 2, 4), (2048, 1, 4), (1024, 4, 8), (2048, 2, 8), (4096, 1, 8)]
+
+
+@triton.jit
+def _empty_kernel(out_ptr):
+    tl.store(out_ptr, 1)
+
+
+def read_floor_us(blobs: list[torch.Tensor]) -> float:
+    """Fastest graph time (us per call) of reading one of ``blobs`` (int32, each its own copy) end to end."""
+    n_words = blobs[0].numel()
+    out = torch.empty(triton.cdiv(n_words, 512), dtype=torch.int32, device=blobs[0].device)
+    best = float("inf")
+    for chunk, iters, warps in _STREAM_CONFIGS:
+        grid = (triton.cdiv(n_words, chunk * iters),)
+        calls = [lambda b=b, g=grid, c=chunk, i=iters, w=warps:
+                 _stream_read_kernel[g](b, out, n_words, CHUNK=c, ITERS=i, num_warps=w) for b in blobs]
+        best = min(best, graph_time_us(calls))
+    return best
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default="4096x4096,8192x8192", help="N x K weight shapes")
@@ -76,6 +114,9 @@ def main() -> None:
     l2 = getattr(props, "L2_cache_size", 50 * 2**20)
     print(f"GPU: {props.name} ({props.multi_processor_count} SMs, L2 {l2 / 2**20:.0f} MiB); torch {torch.__version__}, "
           f"triton {triton.__version__}, CUDA {torch.version.cuda}; format {args.format}")
+    flag = torch.zeros(1, dtype=torch.int32, device="cuda")
+    launch = graph_time_us([lambda: _empty_kernel[(1,)](flag) for _ in range(20)])
+    print(f"an empty Triton kernel in the same graph timing: {launch:.2f} us per launch")
     e4m3 = args.format != "mxfp4"
     block = 16 if e4m3 else 32
     rows = []
@@ -95,6 +136,11 @@ def main() -> None:
         lin_w = [w_bf16.clone() for _ in range(r_lin)]
         q_w = [(p.codes.clone(), p.scales.clone()) for _ in range(r_q)]
         gs = p.tensor_scale
+        blob = torch.cat([p.codes.flatten(), p.scales.flatten(),
+                          torch.zeros(-packed_bytes % 4, dtype=torch.uint8, device="cuda")]).view(torch.int32)
+        floor = read_floor_us([blob.clone() for _ in range(r_q)])
+        print(f"{n:>5} x{k:>5} read floor: {floor:.2f}u to read the {packed_bytes / 1e6:.2f} MB of packed weight "
+              f"({packed_bytes / floor / 1e3:.0f} GB/s)", flush=True)
         for m in (int(v) for v in args.batches.split(",")):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
             qlk.quant_linear(x, p.codes, p.scales, block=block, e4m3=e4m3, tensor_scale=gs)  # tunes this bucket
@@ -116,7 +162,8 @@ def main() -> None:
             ev_q = 1000 * triton.testing.do_bench(lambda: run(cfg, 0), return_mode="median")
             tflops = 2 * m * n * k / t_q / 1e6
             gbs = packed_bytes / t_q / 1e3
-            row = dict(gpu=props.name, n=n, k=k, m=m, format=args.format, flinear_us=t_lin, fused_us=t_q,
+            row = dict(gpu=props.name, n=n, k=k, m=m, format=args.format, flinear_us=t_lin, read_floor_us=floor,
+                       fused_us=t_q,
                        ratio=t_lin / t_q, auto_us=t_auto, ratio_auto=t_lin / t_auto, auto_dequant_gemm=auto_cfg.dequant_gemm,
                        flinear_events_us=ev_lin, fused_events_us=ev_q, ratio_events=ev_lin / ev_q,
                        fused_tflops=tflops, weight_gbs=gbs, rel_l2=rel, config=cfg._asdict(),
