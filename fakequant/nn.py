@@ -130,6 +130,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("weight_tensor_scale",
                              torch.ones((), dtype=torch.float32, device=device) if nvfp4 else None)
         self.register_buffer("transform", None)
+        self._scale_max: tuple | None = None  # (buffer identity, largest scale byte): see _max_scale_byte
         if transform is not None:
             self.transform = self._check_transform(transform).to(device=device)
         if bias:
@@ -285,10 +286,21 @@ class QuantLinear(nn.Module):
             return F.linear(x, self.dequantize_weight(x.dtype), bias)
         from .kernels.triton.quant_linear import quant_linear
 
+        e4m3 = self.weight_qtype.family != "mx"
         y = quant_linear(x.reshape(-1, self.in_features), self.weight_codes, self.weight_scales,
-                         block=_block(self.weight_qtype), e4m3=self.weight_qtype.family != "mx",
-                         tensor_scale=self.weight_tensor_scale, bias=bias)
+                         block=_block(self.weight_qtype), e4m3=e4m3, tensor_scale=self.weight_tensor_scale,
+                         bias=bias, max_scale_byte=None if e4m3 else self._max_scale_byte())
         return y.reshape(*x.shape[:-1], self.out_features)
+
+    def _max_scale_byte(self) -> int:
+        """The largest scale byte, recomputed (one device sync) only when the buffer changes: data pointer and
+        version counter, so ``.to()``, ``copy_`` and ``load_state_dict`` all invalidate it. It lets the Triton
+        backend use its one-multiply decode when no block needs more (see ``quant_linear(max_scale_byte=)``)."""
+        s = self.weight_scales
+        key = (s.data_ptr(), s._version, s.device)
+        if self._scale_max is None or self._scale_max[0] != key:
+            self._scale_max = (key, int(s.max()) if s.numel() else 0)
+        return self._scale_max[1]
 
     # ------------------------------------------------------------------------------------ state handling
     def get_extra_state(self) -> dict[str, Any]:

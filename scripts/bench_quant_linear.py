@@ -18,8 +18,10 @@ run on the same activations:
   (codes and scales, cold, same graph timing) and xor them: no fused kernel can beat it, so it says how much
   of a target time is left for decoding and multiplying.
 
-"fused" is the fastest fused-kernel configuration the tuner measured; "auto" is what ``QuantLinear`` runs, the
-tuner's overall choice, which at large batches may be the dequantize-then-cuBLAS path.
+"fused" is the fastest fused-kernel configuration the tuner measured (at batch <= 16 with MX weights, usually
+the Gluon kernel of ``quant_linear_gluon``); "auto" is what ``QuantLinear`` runs, the tuner's overall choice,
+which at large batches may be the dequantize-then-cuBLAS path. Calls pass the largest scale byte, as
+``QuantLinear`` does.
 
 Prints the GPU name, torch / triton / CUDA versions, and a table with times, ratio (F.linear time / fused time),
 achieved TFLOP/s and weight GB/s, the tuned configuration and the relative error.
@@ -136,6 +138,7 @@ def main() -> None:
         lin_w = [w_bf16.clone() for _ in range(r_lin)]
         q_w = [(p.codes.clone(), p.scales.clone()) for _ in range(r_q)]
         gs = p.tensor_scale
+        max_byte = None if e4m3 else int(p.scales.max())  # what QuantLinear passes (its cached maximum)
         blob = torch.cat([p.codes.flatten(), p.scales.flatten(),
                           torch.zeros(-packed_bytes % 4, dtype=torch.uint8, device="cuda")]).view(torch.int32)
         floor = read_floor_us([blob.clone() for _ in range(r_q)])
@@ -143,17 +146,20 @@ def main() -> None:
               f"({packed_bytes / floor / 1e3:.0f} GB/s)", flush=True)
         for m in (int(v) for v in args.batches.split(",")):
             x = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-            qlk.quant_linear(x, p.codes, p.scales, block=block, e4m3=e4m3, tensor_scale=gs)  # tunes this bucket
+            qlk.quant_linear(x, p.codes, p.scales, block=block, e4m3=e4m3, tensor_scale=gs,
+                             max_scale_byte=max_byte)  # tunes this bucket
             key = (qlk._m_bucket(m), n, k, block, e4m3, x.dtype, False)
             auto_cfg = qlk.tuned_config(key)
             fused = [(c, ms) for c, ms in qlk._TIMINGS.get(key, []) if not c.dequant_gemm]
             cfg = min(fused, key=lambda item: item[1])[0]  # the fastest fused configuration
-            y = qlk.quant_linear(x, p.codes, p.scales, block=block, e4m3=e4m3, tensor_scale=gs, config=cfg)
+            y = qlk.quant_linear(x, p.codes, p.scales, block=block, e4m3=e4m3, tensor_scale=gs, config=cfg,
+                                 max_scale_byte=max_byte)
             ref = x.double() @ w_bf16.double().T
             rel = float((y.double() - ref).norm() / ref.norm())
 
             def run(c, i):
-                return qlk.quant_linear(x, *q_w[i], block=block, e4m3=e4m3, tensor_scale=gs, config=c)
+                return qlk.quant_linear(x, *q_w[i], block=block, e4m3=e4m3, tensor_scale=gs, config=c,
+                                        max_scale_byte=max_byte)
 
             t_lin = graph_time_us([lambda i=i: F.linear(x, lin_w[i]) for i in range(r_lin)])
             t_q = graph_time_us([lambda i=i: run(cfg, i) for i in range(r_q)])
@@ -172,7 +178,7 @@ def main() -> None:
             rows.append(row)
             c = cfg
             ctext = (f"{c.block_m}x{c.block_n}x{c.block_k} sk{c.split_k} w{c.num_warps} s{c.num_stages}"
-                     f"{' asm' if c.decode_asm else ''}{' swap' if c.swap_ab else ''}")
+                     f"{' asm' if c.decode_asm else ''}{' swap' if c.swap_ab else ''}{' gluon' if c.gluon else ''}")
             atext = "dq+gemm" if auto_cfg.dequant_gemm else "fused"
             print(f"{n:>5} x{k:>5} {m:>5} | {t_lin:>8.1f}u {t_q:>8.1f}u {t_lin / t_q:>6.2f} | {t_auto:>8.1f}u "
                   f"{t_lin / t_auto:>6.2f} | {ev_lin:>8.1f}u {ev_q:>8.1f}u {ev_lin / ev_q:>6.2f} | {tflops:>7.1f} "

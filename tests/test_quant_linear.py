@@ -281,10 +281,13 @@ def test_every_tile_configuration_on_gpu(e4m3):
     ref = x.double() @ wd.T + b.double()
     bad = []
     for cfg in ALL_CONFIGS:
+        if cfg.gluon and e4m3:
+            continue  # MX scales only
+        rows = 13 if cfg.gluon else m  # the Gluon kernel serves batches up to 16
         for _ in range(2):  # twice: split-K must leave its workspace and counters ready for the next launch
-            y = quant_linear(x, p.codes, p.scales, block=16 if e4m3 else 32, e4m3=e4m3,
+            y = quant_linear(x[:rows], p.codes, p.scales, block=16 if e4m3 else 32, e4m3=e4m3,
                              tensor_scale=p.tensor_scale, bias=b, config=cfg)
-            rel = _rel_l2(y, ref)
+            rel = _rel_l2(y, ref[:rows])
             if not rel < 1e-2:
                 bad.append((cfg, rel))
     assert not bad, bad
@@ -301,7 +304,7 @@ def test_split_k_is_race_free_on_gpu():
     p = pack(w, "mxfp4")
     wd = p.unpack().double()
     bad = []
-    for cfg in [c for c in ALL_CONFIGS if c.split_k > 1]:
+    for cfg in [c for c in ALL_CONFIGS if c.split_k > 1]:  # the Gluon ones included (batch 4..16 here)
         for i in range(60):
             x = torch.randn(4 + i % 13, 4096, device="cuda", dtype=torch.bfloat16)
             rel = _rel_l2(quant_linear(x, p.codes, p.scales, block=32, config=cfg), x.double() @ wd.T)
@@ -328,3 +331,106 @@ def test_dequantize_and_dequant_gemm_on_gpu(wq):
         x = torch.randn(300, 2080, device="cuda", dtype=torch.bfloat16)
         y = qlk.quant_linear(x, p.codes, p.scales, block=block, e4m3=e4m3, tensor_scale=p.tensor_scale, config=cfg)
         assert _rel_l2(y, x.double() @ p.unpack().double().T) < 1e-2
+
+
+# ------------------------------------------------------------------------------- Gluon kernel (batch <= 16)
+def _gluon_decode_model(b: torch.Tensor, e: torch.Tensor, big: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the Gluon kernel's inline PTX computes for code bytes ``b`` and scale bytes ``e`` (int64), in
+    torch: the bit placement, then bf16 multiplies (float32 products of bf16 values are exact; rounding to
+    bf16 is what ``mul.rn.bf16x2`` does)."""
+    d = ((b * 0x40040) & 0x01C001C0) | ((b * 0x1001000) & 0x80008000)
+
+    def from_bits(bits):  # 16-bit patterns (int64) -> bf16
+        return torch.where(bits >= 0x8000, bits - 0x10000, bits).to(torch.int16).view(torch.bfloat16)
+
+    def factor(bits):
+        return from_bits(bits).float()
+
+    lo, hi = from_bits(d & 0xFFFF).float(), from_bits(d >> 16).float()
+    if big:
+        f1 = factor((torch.clamp(e, max=128) + 126) << 7)
+        f2 = torch.where(e == 255, torch.tensor(float("nan")), factor((torch.clamp(e, min=128) - 1) << 7))
+        out = [(v * f1).to(torch.bfloat16).float() * f2 for v in (lo, hi)]
+    else:
+        f1 = factor((e + 126) << 7)
+        out = [v * f1 for v in (lo, hi)]
+    return out[0].to(torch.bfloat16), out[1].to(torch.bfloat16)
+
+
+@pytest.mark.parametrize("big", [False, True])
+def test_gluon_decode_arithmetic_is_exact(big):
+    """The Gluon kernel's decode (``quant_linear_gluon._decode_asm``), modelled bit for bit on the CPU: every
+    code byte with every scale byte it may see (<= 128 for the one-multiply path, all 256 with BIG_SCALES)
+    gives E2M1(low nibble, high nibble) x 2^(e-127) exactly, in bf16, and byte 255 gives NaN."""
+    pytest.importorskip("triton")
+    from fakequant.kernels.triton import quant_linear_gluon as qlg
+
+    assert "0x40040" in qlg._decode_asm(1) and "0x1001000" in qlg._decode_asm(2)  # the model's constants
+    e2m1 = torch.tensor([0, 0.5, 1, 1.5, 2, 3, 4, 6], dtype=torch.float64)
+    e2m1 = torch.cat([e2m1, -e2m1])
+    b = torch.arange(256).repeat_interleave(256 if big else 129)
+    e = torch.arange(256 if big else 129).repeat(256)
+    lo, hi = _gluon_decode_model(b, e, big)
+    scale = torch.where(e == 255, torch.tensor(float("nan"), dtype=torch.float64), torch.exp2(e.double() - 127))
+    assert_bitwise_equal(lo, (e2m1[b & 15] * scale).to(torch.bfloat16))
+    assert_bitwise_equal(hi, (e2m1[b >> 4] * scale).to(torch.bfloat16))
+
+
+def test_quant_linear_caches_the_largest_scale_byte_until_the_buffer_changes():
+    ql = QuantLinear.from_weight(torch.randn(32, 64) * 0.02, None, weight_qtype="mxfp4", input_qtype=None)
+    first = ql._max_scale_byte()
+    assert first == int(ql.weight_scales.max()) <= 128
+    ql.weight_scales[0, 0] = 200  # in place: the version counter moves
+    assert ql._max_scale_byte() == 200
+    ql.load_state_dict(QuantLinear.from_weight(torch.randn(32, 64), None, weight_qtype="mxfp4",
+                                               input_qtype=None).state_dict())
+    assert ql._max_scale_byte() == int(ql.weight_scales.max())
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_gluon_kernel_on_gpu(dtype):
+    """The Gluon batch <= 16 kernel on ragged shapes (N not a multiple of the rows per program, K not a
+    multiple of 128), every configuration, with bias, blocks with scale bytes above 128, a NaN scale (255)
+    and zero blocks: equal to the float64 product of the same operands within bf16 rounding, NaN exactly in
+    the outputs of rows with a NaN block, and the split-K scratch left at zero."""
+    from fakequant.kernels.triton import quant_linear as qlk
+
+    torch.manual_seed(3)
+    n, k = 1000, 2080 + 40
+    w = torch.randn(n, k, device="cuda") * 0.02
+    w[:4] *= 5000  # scale bytes above 128
+    w[5, 64:96] = 0  # a zero block
+    p = pack(w, "mxfp4")
+    p.scales[7, 3] = 255  # NaN block: row 7 of Y is NaN
+    wd = p.unpack().double()
+    small = pack(torch.randn(n, k, device="cuda") * 0.02, "mxfp4")
+    small_max = int(small.scales.max())
+    assert small_max <= 128
+    small_wd = small.unpack().double()
+    b = torch.randn(n, device="cuda", dtype=dtype)
+    gluon = [c for c in qlk.ALL_CONFIGS if c.gluon]
+    assert gluon
+    finite = torch.ones(n, dtype=torch.bool, device="cuda")
+    finite[7] = False
+    bad = []
+    for m in (1, 5, 16):
+        x = torch.randn(m, k, device="cuda", dtype=dtype)
+        ref = x.to(torch.bfloat16).double() @ wd.T + b.double()
+        small_ref = x.to(torch.bfloat16).double() @ small_wd.T
+        for cfg in gluon:
+            for _ in range(2):
+                # max_scale_byte unknown: the exact two-multiply decode (bytes above 128, the NaN block).
+                y = qlk.quant_linear(x, p.codes, p.scales, block=32, bias=b, config=cfg)
+                rel = _rel_l2(y[:, finite], ref[:, finite])
+                if not (rel < 1e-2 and bool(torch.isnan(y[:, 7]).all()) and y.dtype == dtype):
+                    bad.append((m, cfg, rel))
+                # All bytes <= 128 and known: the one-multiply decode.
+                y = qlk.quant_linear(x, small.codes, small.scales, block=32, config=cfg, max_scale_byte=small_max)
+                if not _rel_l2(y, small_ref) < 1e-2:
+                    bad.append((m, cfg, "one multiply", _rel_l2(y, small_ref)))
+    assert not bad, bad[:4]
+    assert all(not t.any() for t in qlk._WORKSPACE.values())
+    with pytest.raises(ValueError, match="Gluon configuration"):
+        qlk.quant_linear(torch.randn(17, k, device="cuda", dtype=dtype), p.codes, p.scales, block=32,
+                         config=gluon[0])

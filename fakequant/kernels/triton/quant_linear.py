@@ -9,6 +9,11 @@ Weight encodings (``fakequant.packing``): codes ``[N, ceil(K/2)]`` uint8, elemen
 scales ``[N, ceil(K/BLK)]`` uint8, E8M0 (MX, BLK = 32 or any even size dividing BLOCK_K) or E4M3 (NVFP4,
 BLK = 16, with an optional per-tensor encode scale g: w = q·S/g).
 
+At batch <= 16 with MX weights on Hopper the tuner also weighs the Gluon kernel of ``quant_linear_gluon``
+(``TileConfig(gluon=True)``), which decodes straight into the MMA's register fragments and is usually faster.
+Candidates are timed with the L2 cache emptied by a read (``_time_cold``) and launched through the prepared-
+launch cache (``_launch``), so an eager decode step pays little host time per call.
+
 Order (as the Triton tutorials): jit helpers and the kernel with its arguments commented, the tile
 configurations, the launcher that checks its inputs and picks a configuration.
 
@@ -24,6 +29,9 @@ from typing import NamedTuple
 import torch
 import triton
 import triton.language as tl
+
+from . import quant_linear_gluon
+from ._launch import launch
 
 __all__ = ["quant_linear", "dequantize", "TileConfig", "CONFIGS_SMALL_M", "CONFIGS_MEDIUM_M", "CONFIGS_LARGE_M",
            "ALL_CONFIGS", "tuned_config"]
@@ -293,7 +301,9 @@ class TileConfig(NamedTuple):
     wgmma's register operand, which lets Triton keep one wgmma group in flight while the next tile decodes
     (W as the shared-memory operand forces a wait after every MMA). ``dequant_gemm``: not fused: decode the
     whole weight to x's dtype (``block_n`` x ``block_k`` tiles), then ``F.linear`` (cuBLAS); a candidate for
-    large batches, where the one-off decode is small next to the matrix product."""
+    large batches, where the one-off decode is small next to the matrix product. ``gluon``: batch <= 16, MX
+    weights only: the Gluon kernel of ``quant_linear_gluon`` (explicit layouts, the decoded weight already in
+    the MMA's registers); ``block_k`` is 128 and ``block_n`` = 16 x ``num_warps`` x row groups per warp."""
 
     block_m: int
     block_n: int
@@ -305,6 +315,7 @@ class TileConfig(NamedTuple):
     decode_asm: bool = False
     swap_ab: bool = False
     dequant_gemm: bool = False
+    gluon: bool = False
 
 
 T = TileConfig
@@ -328,6 +339,12 @@ CONFIGS_SMALL_M = [
     T(16, 64, 512, 2, 8, 3, decode_asm=True),
     T(16, 128, 512, 2, 8, 3, decode_asm=True),
     T(16, 128, 256, 2, 8, 4, decode_asm=True),
+    # Gluon (MX weights): the best of a sweep on an H100 at batch 1, 4 and 16 (docs/benchmarks.md).
+    T(16, 64, 128, 16, 4, 1, gluon=True),
+    T(16, 64, 128, 8, 4, 1, gluon=True),
+    T(16, 128, 128, 8, 4, 1, gluon=True),
+    T(16, 64, 128, 8, 2, 1, gluon=True),
+    T(16, 128, 128, 16, 4, 1, gluon=True),
 ]
 _DEQUANT_GEMM = T(64, 64, 256, 1, 4, 1, decode_asm=True, dequant_gemm=True)
 CONFIGS_MEDIUM_M = [
@@ -358,6 +375,7 @@ _REFUSED: dict[tuple, list] = {}  # key -> [(config, why)] refused by the tuner 
 # Split-K scratch, zero between launches (the kernel leaves it so): float32 sums per (device, M, N) and
 # arrival counters per (device, tiles). Launches that share them must be ordered (one stream).
 _WORKSPACE: dict[tuple, torch.Tensor] = {}
+_FLUSH: dict[int, torch.Tensor] = {}  # per device: the buffer _time_cold reads to empty the L2 cache
 
 
 def _scratch(key: tuple, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -368,7 +386,7 @@ def _scratch(key: tuple, shape: tuple, dtype: torch.dtype, device: torch.device)
 
 
 def _m_bucket(m: int) -> int:
-    return 16 if m <= 16 else 64 if m <= 64 else 256 if m <= 256 else 4096
+    return 1 if m == 1 else 4 if m <= 4 else 16 if m <= 16 else 64 if m <= 64 else 256 if m <= 256 else 4096
 
 
 def _interpreting() -> bool:
@@ -393,8 +411,16 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, *, k: int, block: int,
     return w
 
 
-def _launch(cfg: TileConfig, x, codes, scales, gscale, bias, K, blk, e4m3, out_dtype) -> torch.Tensor:
+def _launch(cfg: TileConfig, x, codes, scales, gscale, bias, K, blk, e4m3, out_dtype, big_scales=True) -> torch.Tensor:
     M, N = x.shape[0], codes.shape[0]
+    if cfg.gluon:
+        y = torch.empty((M, N), device=x.device, dtype=out_dtype)
+        ws = _scratch(("ws", x.device, M, N), (M, N), torch.float32, x.device)
+        cnt = _scratch(("cnt", x.device, triton.cdiv(N, cfg.block_n)), (triton.cdiv(N, cfg.block_n),), torch.int32,
+                       x.device)
+        return quant_linear_gluon.quant_linear_small_m(
+            x, codes, scales, bias, y, ws, cnt, split_k=cfg.split_k, num_warps=cfg.num_warps,
+            row_groups=cfg.block_n // (16 * cfg.num_warps), big_scales=big_scales)
     if cfg.dequant_gemm:
         w = dequantize(codes, scales, k=K, block=blk, e4m3=e4m3, tensor_scale=gscale, dtype=x.dtype, config=cfg)
         return torch.nn.functional.linear(x, w, bias).to(out_dtype)
@@ -406,21 +432,28 @@ def _launch(cfg: TileConfig, x, codes, scales, gscale, bias, K, blk, e4m3, out_d
     else:
         ws = cnt = y  # unused
     dummy = codes  # any pointer for the unused arguments
-    _quant_linear_kernel[(tiles, cfg.split_k)](
-        x, codes, scales, gscale if gscale is not None else dummy, bias if bias is not None else dummy, y, ws, cnt,
-        M, N, K, codes.shape[1], scales.shape[1],
-        x.stride(0), codes.stride(0), scales.stride(0), y.stride(0),
-        BLK=blk, E4M3=e4m3, DIV_G=gscale is not None, HAS_BIAS=bias is not None,
-        SPLIT_K=cfg.split_k, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-        DECODE_ASM=cfg.decode_asm and not _interpreting(), SWAP_AB=cfg.swap_ab, INTERPRET=_interpreting(),
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+    tensors = (x, codes, scales, gscale if gscale is not None else dummy, bias if bias is not None else dummy, y, ws,
+               cnt)
+    strides = (x.stride(0), codes.stride(0), scales.stride(0), y.stride(0))
+    key = ("fused", cfg, M, N, K, codes.shape[1], scales.shape[1], strides, blk, e4m3, gscale is not None,
+           bias is not None, x.dtype, out_dtype)
+
+    def prepare():
+        return (tiles, cfg.split_k), tensors + (M, N, K, codes.shape[1], scales.shape[1]) + strides, dict(
+            BLK=blk, E4M3=e4m3, DIV_G=gscale is not None, HAS_BIAS=bias is not None,
+            SPLIT_K=cfg.split_k, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+            DECODE_ASM=cfg.decode_asm and not _interpreting(), SWAP_AB=cfg.swap_ab, INTERPRET=_interpreting(),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages)
+
+    launch(_quant_linear_kernel, key, tensors, prepare)  # the prepared-launch cache: a decode step's host time
     return y
 
 
-def _candidates(m: int, k: int, blk: int) -> list[TileConfig]:
+def _candidates(m: int, k: int, blk: int, e4m3: bool = False, device: torch.device | None = None) -> list[TileConfig]:
     pool = CONFIGS_SMALL_M if m <= 16 else CONFIGS_MEDIUM_M if m <= 256 else CONFIGS_LARGE_M
-    return [c for c in pool if c.block_k % blk == 0 and c.block_k <= max(64, triton.next_power_of_2(k))]
+    gluon_ok = m <= 16 and blk == 32 and not e4m3 and quant_linear_gluon.available(device)
+    return [c for c in pool if c.block_k % blk == 0 and c.block_k <= max(64, triton.next_power_of_2(k))
+            and (gluon_ok or not c.gluon)]
 
 
 def tuned_config(key: tuple) -> TileConfig | None:
@@ -438,6 +471,7 @@ def quant_linear(
     tensor_scale: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     config: TileConfig | None = None,
+    max_scale_byte: int | None = None,
 ) -> torch.Tensor:
     """``x · dequant(codes, scales)ᵀ (+ bias)`` for ``x`` ``[M, K]``, codes ``[N, ceil(K/2)]`` uint8, scales
     ``[N, ceil(K/block)]`` uint8 (E8M0, or E4M3 with ``e4m3=True``), optional nvfp4 ``tensor_scale`` g
@@ -445,6 +479,9 @@ def quant_linear(
 
     The first call for a shape bucket times the candidate tile configurations and keeps the fastest
     (``config`` forces one); under ``TRITON_INTERPRET=1`` a single small configuration is used.
+    ``max_scale_byte``: the largest E8M0 scale byte, if the caller knows it (``QuantLinear`` caches it): at
+    most 128 lets the Gluon kernel fold its decode's rebias into the scale (one multiply per weight pair
+    instead of two); unknown (None) is always exact.
     """
     if x.dim() != 2:
         raise ValueError(f"quant_linear kernel: x must be 2-D [M, K], got shape {tuple(x.shape)}")
@@ -479,16 +516,43 @@ def quant_linear(
             config = _TUNED.get(key)
             if config is None:
                 config = _tune(key, x, codes, scales, gscale, bias, K, block, e4m3)
-    return _launch(config, x, codes, scales, gscale, bias, K, block, e4m3, x.dtype)
+    if config.gluon and (M > 16 or block != 32 or e4m3 or x.device.type != "cuda" or _interpreting()):
+        raise ValueError(f"quant_linear kernel: the Gluon configuration needs a CUDA GPU, at most 16 rows and MX "
+                         f"scales per 32, got M={M}, block {block}, e4m3={e4m3} on {x.device}")
+    big = max_scale_byte is None or max_scale_byte > 128
+    return _launch(config, x, codes, scales, gscale, bias, K, block, e4m3, x.dtype, big)
+
+
+def _time_cold(fn, reps: int = 15) -> float:
+    """Median GPU time (ms) of ``fn`` with the L2 cache holding none of its data, as when a model's layers take
+    turns: before each call a buffer twice the L2 size is *read* (``triton.testing.do_bench`` writes one, which
+    leaves the L2 full of dirty lines whose write-back then competes with the timed kernel's reads, penalising
+    the kernels that read fastest)."""
+    dev = torch.cuda.current_device()
+    flush = _FLUSH.get(dev)
+    if flush is None:
+        l2 = getattr(torch.cuda.get_device_properties(dev), "L2_cache_size", 64 << 20)
+        flush = _FLUSH[dev] = torch.empty(max(2 * l2, 64 << 20) // 4, dtype=torch.int32, device="cuda")
+    fn()  # warm up (compile, first-launch preparation)
+    times = []
+    for _ in range(reps):
+        flush.max()
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
 
 
 def _tune(key, x, codes, scales, gscale, bias, K, block, e4m3) -> TileConfig:
-    """Time each candidate (median of a short ``do_bench``, L2 flushed) and keep the fastest for ``key``.
+    """Time each candidate (``_time_cold``) and keep the fastest for ``key``.
 
     Every candidate's output is first compared with the plain-Triton decode of the first candidate; one
     that disagrees beyond bf16 rounding (relative L2 1e-2) is refused, so a miscompiled path is never chosen.
     """
-    candidates = _candidates(x.shape[0], K, block)
+    candidates = _candidates(x.shape[0], K, block, e4m3, x.device)
     reference = _launch(candidates[0], x, codes, scales, gscale, bias, K, block, e4m3, torch.float32)
     ref_norm = float(reference.double().norm()) or 1.0
     best, best_ms, refused, timings = None, float("inf"), [], []
@@ -499,9 +563,7 @@ def _tune(key, x, codes, scales, gscale, bias, K, block, e4m3) -> TileConfig:
             if not rel < 1e-2:  # NaN included
                 refused.append((cfg, rel))
                 continue
-            ms = triton.testing.do_bench(
-                lambda: _launch(cfg, x, codes, scales, gscale, bias, K, block, e4m3, x.dtype),
-                warmup=5, rep=20, return_mode="median")
+            ms = _time_cold(lambda: _launch(cfg, x, codes, scales, gscale, bias, K, block, e4m3, x.dtype))
         except Exception as err:  # noqa: BLE001 -- a configuration that does not compile or fit is skipped
             refused.append((cfg, repr(err)[:200]))
             continue
