@@ -65,6 +65,7 @@ def _decode_asm(factors: int) -> str:
 
 
 if gluon is not None:
+    _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier  # triton 3.6 / later names
     _DECODE_ONE = gl.constexpr(_decode_asm(1))
     _DECODE_TWO = gl.constexpr(_decode_asm(2))
     BLOCK_K_ = gl.constexpr(BLOCK_K)
@@ -199,7 +200,7 @@ if gluon is not None:
             ws_ptrs = ws_ptr + offs_my * N + offs_ny
             gl.atomic_add(ws_ptrs, acc, mask=mask, sem="relaxed")
             _fence_gpu(NW)
-            gl.thread_barrier()
+            _cta_barrier()
             arrived = gl.atomic_add(cnt_ptr + pid_n, 1, sem="acq_rel")
             if arrived == SPLIT_K - 1:
                 _fence_gpu(NW)
@@ -223,6 +224,20 @@ def layouts(num_warps: int, row_groups: int = 1):
         warp_bases=[[0, 0, 0]] * len(warps), block_bases=[], shape=[4, 32, 16])
     mma = gl.NVMMADistributedLayout(version=[2, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, 8])
     return codes, acts, mma, 16 * num_warps * row_groups
+
+
+def compile_signature(num_warps: int, row_groups: int, split_k: int) -> tuple[dict, dict]:
+    """(signature, constexprs) of ``_small_m_kernel`` for an ahead-of-time ``triton.compile`` (bf16 activations
+    and output, no bias, scale bytes <= 128, K a multiple of 128): what ``scripts/sass_loop_mix.py`` and the
+    instruction-budget test compile."""
+    codes_layout, acts_layout, mma, rows = layouts(num_warps, row_groups)
+    signature = {"x_ptr": "*bf16", "codes_ptr": "*u8", "scales_ptr": "*u8", "bias_ptr": "*bf16", "y_ptr": "*bf16",
+                 "ws_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "KC": "i32", "KS": "i32",
+                 "stride_xm": "i32", "stride_cn": "i32", "stride_sn": "i32", "stride_ym": "i32"}
+    constexprs = dict(HAS_BIAS=False, BIG_SCALES=False, SPLIT_K=split_k, EVEN_K=True, NW=num_warps, BN=rows,
+                      C_LAYOUT=codes_layout, X_LAYOUT=acts_layout, MMA=mma)
+    signature.update(dict.fromkeys(constexprs, "constexpr"))
+    return signature, constexprs
 
 
 def quant_linear_small_m(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
