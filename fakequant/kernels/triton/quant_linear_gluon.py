@@ -226,16 +226,21 @@ def layouts(num_warps: int, row_groups: int = 1):
     return codes, acts, mma, 16 * num_warps * row_groups
 
 
+def _constexprs(num_warps: int, row_groups: int, split_k: int, *, has_bias: bool, big_scales: bool,
+                even_k: bool) -> dict:
+    codes_layout, acts_layout, mma, rows = layouts(num_warps, row_groups)
+    return dict(HAS_BIAS=has_bias, BIG_SCALES=big_scales, SPLIT_K=split_k, EVEN_K=even_k, NW=num_warps, BN=rows,
+                C_LAYOUT=codes_layout, X_LAYOUT=acts_layout, MMA=mma)
+
+
 def compile_signature(num_warps: int, row_groups: int, split_k: int) -> tuple[dict, dict]:
     """(signature, constexprs) of ``_small_m_kernel`` for an ahead-of-time ``triton.compile`` (bf16 activations
     and output, no bias, scale bytes <= 128, K a multiple of 128): what ``scripts/sass_loop_mix.py`` and the
     instruction-budget test compile."""
-    codes_layout, acts_layout, mma, rows = layouts(num_warps, row_groups)
+    constexprs = _constexprs(num_warps, row_groups, split_k, has_bias=False, big_scales=False, even_k=True)
     signature = {"x_ptr": "*bf16", "codes_ptr": "*u8", "scales_ptr": "*u8", "bias_ptr": "*bf16", "y_ptr": "*bf16",
                  "ws_ptr": "*fp32", "cnt_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32", "KC": "i32", "KS": "i32",
                  "stride_xm": "i32", "stride_cn": "i32", "stride_sn": "i32", "stride_ym": "i32"}
-    constexprs = dict(HAS_BIAS=False, BIG_SCALES=False, SPLIT_K=split_k, EVEN_K=True, NW=num_warps, BN=rows,
-                      C_LAYOUT=codes_layout, X_LAYOUT=acts_layout, MMA=mma)
     signature.update(dict.fromkeys(constexprs, "constexpr"))
     return signature, constexprs
 
@@ -261,14 +266,13 @@ def quant_linear_small_m(x: torch.Tensor, codes: torch.Tensor, scales: torch.Ten
            y.stride(0), x.dtype, y.dtype, bias is not None, big_scales, split_k, num_warps, row_groups)
 
     def prepare():
-        codes_layout, acts_layout, mma, _ = layouts(num_warps, row_groups)
         args = tensors + (m, n, k, codes.shape[1], scales.shape[1], x.stride(0), codes.stride(0), scales.stride(0),
                           y.stride(0))
-        return (triton.cdiv(n, rows), split_k), args, dict(
-            HAS_BIAS=bias is not None, BIG_SCALES=big_scales, SPLIT_K=split_k, EVEN_K=k % BLOCK_K == 0,
-            NW=num_warps, BN=rows, C_LAYOUT=codes_layout, X_LAYOUT=acts_layout, MMA=mma, num_warps=num_warps)
+        constexprs = _constexprs(num_warps, row_groups, split_k, has_bias=bias is not None, big_scales=big_scales,
+                                 even_k=k % BLOCK_K == 0)
+        return (triton.cdiv(n, rows), split_k), args, dict(constexprs, num_warps=num_warps)
 
-    # The prepared-launch cache: Gluon's ordinary launch hashes the layout arguments on every call (about
-    # 30 us of host time, longer than the kernel at batch 1).
+    # Through the prepared-launch cache: Gluon's ordinary launch rebuilds and hashes the layout arguments on
+    # every call, host time a decode step cannot afford.
     launch(_small_m_kernel, key, tensors, prepare)
     return y
