@@ -449,9 +449,15 @@ def _launch(cfg: TileConfig, x, codes, scales, gscale, bias, K, blk, e4m3, out_d
     return y
 
 
-def _candidates(m: int, k: int, blk: int, e4m3: bool = False, device: torch.device | None = None) -> list[TileConfig]:
+def _gluon_fits(m: int, blk: int, e4m3: bool, device: torch.device) -> bool:
+    """The Gluon kernel can run this call: at most 16 rows, E8M0 scales per 32, a Hopper (or newer) GPU."""
+    return (m <= 16 and blk == 32 and not e4m3 and device.type == "cuda" and not _interpreting()
+            and quant_linear_gluon.available(device))
+
+
+def _candidates(m: int, k: int, blk: int, e4m3: bool, device: torch.device) -> list[TileConfig]:
     pool = CONFIGS_SMALL_M if m <= 16 else CONFIGS_MEDIUM_M if m <= 256 else CONFIGS_LARGE_M
-    gluon_ok = m <= 16 and blk == 32 and not e4m3 and quant_linear_gluon.available(device)
+    gluon_ok = _gluon_fits(m, blk, e4m3, device)
     return [c for c in pool if c.block_k % blk == 0 and c.block_k <= max(64, triton.next_power_of_2(k))
             and (gluon_ok or not c.gluon)]
 
@@ -516,9 +522,9 @@ def quant_linear(
             config = _TUNED.get(key)
             if config is None:
                 config = _tune(key, x, codes, scales, gscale, bias, K, block, e4m3)
-    if config.gluon and (M > 16 or block != 32 or e4m3 or x.device.type != "cuda" or _interpreting()):
-        raise ValueError(f"quant_linear kernel: the Gluon configuration needs a CUDA GPU, at most 16 rows and MX "
-                         f"scales per 32, got M={M}, block {block}, e4m3={e4m3} on {x.device}")
+    if config.gluon and not _gluon_fits(M, block, e4m3, x.device):
+        raise ValueError(f"quant_linear kernel: the Gluon configuration needs a Hopper (sm_90+) GPU, at most 16 "
+                         f"rows and MX scales per 32, got M={M}, block {block}, e4m3={e4m3} on {x.device}")
     big = max_scale_byte is None or max_scale_byte > 128
     return _launch(config, x, codes, scales, gscale, bias, K, block, e4m3, x.dtype, big)
 
