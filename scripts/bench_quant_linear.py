@@ -178,7 +178,7 @@ def main() -> None:
             rows.append(row)
             c = cfg
             ctext = (f"{c.block_m}x{c.block_n}x{c.block_k} sk{c.split_k} w{c.num_warps} s{c.num_stages}"
-                     f"{' asm' if c.decode_asm else ''}{' swap' if c.swap_ab else ''}{' gluon' if c.gluon else ''}")
+                     f"{' asm' if c.decode_asm else ''}{' swap' if c.swap_ab else ''}{' gluon' if c.gluon else ''}{' wgmma' if c.wgmma else ''}")
             atext = "dq+gemm" if auto_cfg.dequant_gemm else "fused"
             print(f"{n:>5} x{k:>5} {m:>5} | {t_lin:>8.1f}u {t_q:>8.1f}u {t_lin / t_q:>6.2f} | {t_auto:>8.1f}u "
                   f"{t_lin / t_auto:>6.2f} | {ev_lin:>8.1f}u {ev_q:>8.1f}u {ev_lin / ev_q:>6.2f} | {tflops:>7.1f} "

@@ -412,6 +412,47 @@ def test_quant_linear_caches_the_largest_scale_byte_until_the_buffer_changes():
     assert ql._max_scale_byte() == int(ql.weight_scales.max())
 
 
+def _hard_mx_weights(n: int, k: int):
+    """(packed mxfp4 weight with scale bytes above 128, a zero block and a NaN block in row 7; packed weight whose
+    scale bytes are all <= 128) on the GPU."""
+    w = torch.randn(n, k, device="cuda") * 0.02
+    w[:4] *= 5000  # scale bytes above 128
+    w[5, 64:96] = 0  # a zero block
+    p = pack(w, "mxfp4")
+    p.scales[7, 3] = 255  # NaN block: row 7 of Y is NaN
+    small = pack(torch.randn(n, k, device="cuda") * 0.02, "mxfp4")
+    assert int(small.scales.max()) <= 128
+    return p, small
+
+
+def _check_mx_kernel(configs, batches, n, k, dtype) -> list:
+    """Each configuration on ``_hard_mx_weights``, with bias, both decode paths (``max_scale_byte`` unknown: two
+    multiplies; known and <= 128: one), each launch twice: the failures (batch, config, what)."""
+    from fakequant.kernels.triton import quant_linear as qlk
+
+    p, small = _hard_mx_weights(n, k)
+    wd, small_wd = p.unpack().double(), small.unpack().double()
+    small_max = int(small.scales.max())
+    b = torch.randn(n, device="cuda", dtype=dtype)
+    finite = torch.ones(n, dtype=torch.bool, device="cuda")
+    finite[7] = False
+    bad = []
+    for m in batches:
+        x = torch.randn(m, k, device="cuda", dtype=dtype)
+        ref = x.to(torch.bfloat16).double() @ wd.T + b.double()
+        small_ref = x.to(torch.bfloat16).double() @ small_wd.T
+        for cfg in configs:
+            for _ in range(2):
+                y = qlk.quant_linear(x, p.codes, p.scales, block=32, bias=b, config=cfg)
+                rel = _rel_l2(y[:, finite], ref[:, finite])
+                if not (rel < 1e-2 and bool(torch.isnan(y[:, 7]).all()) and y.dtype == dtype):
+                    bad.append((m, cfg, rel))
+                y = qlk.quant_linear(x, small.codes, small.scales, block=32, config=cfg, max_scale_byte=small_max)
+                if not _rel_l2(y, small_ref) < 1e-2:
+                    bad.append((m, cfg, "one multiply", _rel_l2(y, small_ref)))
+    return bad
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_gluon_kernel_on_gpu(dtype):
@@ -422,40 +463,32 @@ def test_gluon_kernel_on_gpu(dtype):
     from fakequant.kernels.triton import quant_linear as qlk
 
     torch.manual_seed(3)
-    n, k = 1000, 2080 + 40
-    w = torch.randn(n, k, device="cuda") * 0.02
-    w[:4] *= 5000  # scale bytes above 128
-    w[5, 64:96] = 0  # a zero block
-    p = pack(w, "mxfp4")
-    p.scales[7, 3] = 255  # NaN block: row 7 of Y is NaN
-    wd = p.unpack().double()
-    small = pack(torch.randn(n, k, device="cuda") * 0.02, "mxfp4")
-    small_max = int(small.scales.max())
-    assert small_max <= 128
-    small_wd = small.unpack().double()
-    b = torch.randn(n, device="cuda", dtype=dtype)
+    k = 2080 + 40
     gluon = [c for c in qlk.ALL_CONFIGS if c.gluon]
     assert gluon
-    finite = torch.ones(n, dtype=torch.bool, device="cuda")
-    finite[7] = False
-    bad = []
-    for m in (1, 5, 16):
-        x = torch.randn(m, k, device="cuda", dtype=dtype)
-        ref = x.to(torch.bfloat16).double() @ wd.T + b.double()
-        small_ref = x.to(torch.bfloat16).double() @ small_wd.T
-        for cfg in gluon:
-            for _ in range(2):
-                # max_scale_byte unknown: the exact two-multiply decode (bytes above 128, the NaN block).
-                y = qlk.quant_linear(x, p.codes, p.scales, block=32, bias=b, config=cfg)
-                rel = _rel_l2(y[:, finite], ref[:, finite])
-                if not (rel < 1e-2 and bool(torch.isnan(y[:, 7]).all()) and y.dtype == dtype):
-                    bad.append((m, cfg, rel))
-                # All bytes <= 128 and known: the one-multiply decode.
-                y = qlk.quant_linear(x, small.codes, small.scales, block=32, config=cfg, max_scale_byte=small_max)
-                if not _rel_l2(y, small_ref) < 1e-2:
-                    bad.append((m, cfg, "one multiply", _rel_l2(y, small_ref)))
+    bad = _check_mx_kernel(gluon, (1, 5, 16), 1000, k, dtype)
     assert not bad, bad[:4]
     assert all(not t.any() for t in qlk._WORKSPACE.values())
+    p = pack(torch.randn(64, k, device="cuda"), "mxfp4")
     with pytest.raises(ValueError, match="Gluon configuration"):
         qlk.quant_linear(torch.randn(17, k, device="cuda", dtype=dtype), p.codes, p.scales, block=32,
                          config=gluon[0])
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_wgmma_kernel_on_gpu(dtype):
+    """The Gluon wgmma kernel, every configuration, on batches below, at and across its tiles (1, 200, 300,
+    513: rows past M), N not a multiple of its rows and K not a multiple of 64, with the hard weights of
+    ``_hard_mx_weights``; and K not a multiple of 8 (``cp.async`` alignment) refused with a clear error."""
+    from fakequant.kernels.triton import quant_linear as qlk
+
+    torch.manual_seed(4)
+    wgmma = [c for c in qlk.ALL_CONFIGS if c.wgmma]
+    assert wgmma
+    bad = _check_mx_kernel(wgmma, (1, 200, 300, 513), 1000, 2080 + 40, dtype)
+    assert not bad, bad[:4]
+    p = pack(torch.randn(64, 100, device="cuda"), "mxfp4")
+    with pytest.raises(ValueError, match="wgmma configuration"):
+        qlk.quant_linear(torch.randn(300, 100, device="cuda", dtype=dtype), p.codes, p.scales, block=32,
+                         config=wgmma[0])

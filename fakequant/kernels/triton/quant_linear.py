@@ -10,7 +10,9 @@ scales ``[N, ceil(K/BLK)]`` uint8, E8M0 (MX, BLK = 32 or any even size dividing 
 BLK = 16, with an optional per-tensor encode scale g: w = q·S/g).
 
 At batch <= 16 with MX weights on Hopper the tuner also weighs the Gluon kernel of ``quant_linear_gluon``
-(``TileConfig(gluon=True)``), which decodes straight into the MMA's register fragments and is usually faster.
+(``TileConfig(gluon=True)``), which decodes straight into the MMA's register fragments and is usually faster;
+at larger batches the Gluon kernel of ``quant_linear_wgmma`` (``TileConfig(wgmma=True)``), whose asynchronous
+Hopper MMAs run while the next weight tile decodes.
 Candidates are timed with the L2 cache emptied by a read (``_time_cold``) and launched through the prepared-
 launch cache (``_launch``), so an eager decode step pays little host time per call.
 
@@ -30,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import quant_linear_gluon
+from . import quant_linear_gluon, quant_linear_wgmma
 from ._launch import launch
 
 __all__ = ["quant_linear", "dequantize", "TileConfig", "CONFIGS_SMALL_M", "CONFIGS_MEDIUM_M", "CONFIGS_LARGE_M",
@@ -303,7 +305,10 @@ class TileConfig(NamedTuple):
     whole weight to x's dtype (``block_n`` x ``block_k`` tiles), then ``F.linear`` (cuBLAS); a candidate for
     large batches, where the one-off decode is small next to the matrix product. ``gluon``: batch <= 16, MX
     weights only: the Gluon kernel of ``quant_linear_gluon`` (explicit layouts, the decoded weight already in
-    the MMA's registers); ``block_k`` is 128 and ``block_n`` = 16 x ``num_warps`` x row groups per warp."""
+    the MMA's registers); ``block_k`` is 128 and ``block_n`` = 16 x ``num_warps`` x row groups per warp.
+    ``wgmma``: MX weights, K a multiple of 8: the Gluon kernel of ``quant_linear_wgmma`` (asynchronous Hopper
+    ``wgmma``, the decode of the next tile under the current MMA); ``block_m`` activation rows (<= 256),
+    ``block_n`` weight rows (a multiple of 16 x ``num_warps``), ``block_k`` 64."""
 
     block_m: int
     block_n: int
@@ -316,6 +321,7 @@ class TileConfig(NamedTuple):
     swap_ab: bool = False
     dequant_gemm: bool = False
     gluon: bool = False
+    wgmma: bool = False
 
 
 T = TileConfig
@@ -349,6 +355,8 @@ CONFIGS_SMALL_M = [
 _DEQUANT_GEMM = T(64, 64, 256, 1, 4, 1, decode_asm=True, dequant_gemm=True)
 CONFIGS_MEDIUM_M = [
     T(64, 64, 128, 1, 4, 4),
+    T(64, 128, 64, 1, 8, 1, wgmma=True),
+    T(128, 128, 64, 1, 8, 1, wgmma=True),
     T(64, 64, 128, 2, 4, 4, decode_asm=True),
     T(64, 128, 128, 1, 4, 4, decode_asm=True),
     T(64, 128, 128, 1, 4, 4, decode_asm=True, swap_ab=True),
@@ -363,6 +371,10 @@ CONFIGS_LARGE_M = [
     T(256, 128, 64, 1, 8, 4, decode_asm=True, swap_ab=True),
     T(128, 256, 64, 1, 8, 3, decode_asm=True, swap_ab=True),
     T(128, 128, 64, 1, 8, 4, decode_asm=True, swap_ab=True),
+    # Gluon wgmma (MX weights): block_m activation rows = the MMA's N, block_n weight rows.
+    T(256, 128, 64, 1, 8, 1, wgmma=True),
+    T(128, 256, 64, 1, 8, 1, wgmma=True),
+    T(128, 128, 64, 1, 8, 1, wgmma=True),
     _DEQUANT_GEMM,
 ]
 ALL_CONFIGS = CONFIGS_SMALL_M + CONFIGS_MEDIUM_M[:-1] + CONFIGS_LARGE_M
@@ -421,6 +433,13 @@ def _launch(cfg: TileConfig, x, codes, scales, gscale, bias, K, blk, e4m3, out_d
         return quant_linear_gluon.quant_linear_small_m(
             x, codes, scales, bias, y, ws, cnt, split_k=cfg.split_k, num_warps=cfg.num_warps,
             row_groups=cfg.block_n // (16 * cfg.num_warps), big_scales=big_scales)
+    if cfg.wgmma:
+        y = torch.empty((M, N), device=x.device, dtype=out_dtype)
+        # The kernel copies X into shared memory as is: other dtypes are rounded to bf16 first, as the other
+        # kernels round them in registers.
+        return quant_linear_wgmma.quant_linear_large_m(
+            x.to(torch.bfloat16), codes, scales, bias, y, num_warps=cfg.num_warps, rows=cfg.block_n,
+            block_m=cfg.block_m, group_m=cfg.group_m, big_scales=big_scales)
     if cfg.dequant_gemm:
         w = dequantize(codes, scales, k=K, block=blk, e4m3=e4m3, tensor_scale=gscale, dtype=x.dtype, config=cfg)
         return torch.nn.functional.linear(x, w, bias).to(out_dtype)
@@ -455,11 +474,19 @@ def _gluon_fits(m: int, blk: int, e4m3: bool, device: torch.device) -> bool:
             and quant_linear_gluon.available(device))
 
 
+def _wgmma_fits(k: int, blk: int, e4m3: bool, device: torch.device) -> bool:
+    """The wgmma kernel can run this call: E8M0 scales per 32, rows of X 16-byte aligned for ``cp.async``
+    (K a multiple of 8), a Hopper (or newer) GPU."""
+    return (k % 8 == 0 and blk == 32 and not e4m3 and device.type == "cuda" and not _interpreting()
+            and quant_linear_wgmma.available(device))
+
+
 def _candidates(m: int, k: int, blk: int, e4m3: bool, device: torch.device) -> list[TileConfig]:
     pool = CONFIGS_SMALL_M if m <= 16 else CONFIGS_MEDIUM_M if m <= 256 else CONFIGS_LARGE_M
     gluon_ok = _gluon_fits(m, blk, e4m3, device)
+    wgmma_ok = _wgmma_fits(k, blk, e4m3, device)
     return [c for c in pool if c.block_k % blk == 0 and c.block_k <= max(64, triton.next_power_of_2(k))
-            and (gluon_ok or not c.gluon)]
+            and (gluon_ok or not c.gluon) and (wgmma_ok or not c.wgmma)]
 
 
 def tuned_config(key: tuple) -> TileConfig | None:
@@ -525,6 +552,9 @@ def quant_linear(
     if config.gluon and not _gluon_fits(M, block, e4m3, x.device):
         raise ValueError(f"quant_linear kernel: the Gluon configuration needs a Hopper (sm_90+) GPU, at most 16 "
                          f"rows and MX scales per 32, got M={M}, block {block}, e4m3={e4m3} on {x.device}")
+    if config.wgmma and not _wgmma_fits(K, block, e4m3, x.device):
+        raise ValueError(f"quant_linear kernel: the wgmma configuration needs a Hopper (sm_90+) GPU, MX scales per "
+                         f"32 and K a multiple of 8, got K={K}, block {block}, e4m3={e4m3} on {x.device}")
     big = max_scale_byte is None or max_scale_byte > 128
     return _launch(config, x, codes, scales, gscale, bias, K, block, e4m3, x.dtype, big)
 

@@ -94,9 +94,9 @@ if gluon is not None:
         gl.store(y_ptr + offs_m * stride_ym + offs_n, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
     @gluon.jit
-    def _tile_product(acc, c, e, xv, BN: gl.constexpr, BM: gl.constexpr, BIG_SCALES: gl.constexpr,
-                      MMA: gl.constexpr):
-        """``acc`` + the tile's decoded weight [BN, 128] · activations [128, BM], k in the permuted order."""
+    def decode_bytes(c, e, BIG_SCALES: gl.constexpr):
+        """bf16 weights [..., 2] of the code bytes ``c`` (the low nibble's value first) times the scale bytes ``e``
+        (int32 E8M0, one per byte of the last axis of ``c``, which ``e`` lacks)."""
         # 2^(e-1) as bf16x2 (the decode's 2^126 times the scale 2^(e-127)): exponent field e + 126, right for
         # e <= 128 (byte 0, 2^-127, gives 2^-1: exact too). Larger bytes need a second factor 2^(e-128), and
         # byte 255 (NaN) a NaN factor: BIG_SCALES.
@@ -108,10 +108,18 @@ if gluon is not None:
             f2 = f1
         c = c.to(gl.int32)
         zero = gl.zeros_like(c)
-        lo, hi = _decode(c, gl.expand_dims(f1, 2) + zero, gl.expand_dims(f2, 2) + zero, BIG_SCALES)
-        # [BN, 4, 16, 2] -> (row, byte, t, nibble) -> [BN, 128]: MMA k = 8·byte + 2t + nibble, and the register
-        # layout is already mma.sync's A fragment (asserted: no data moves).
-        w = gl.reshape(gl.permute(gl.join(lo, hi), (0, 2, 1, 3)), (BN, BLOCK_K_))
+        last: gl.constexpr = len(c.shape) - 1
+        lo, hi = _decode(c, gl.expand_dims(f1, last) + zero, gl.expand_dims(f2, last) + zero, BIG_SCALES)
+        return gl.join(lo, hi)
+
+    @gluon.jit
+    def _tile_product(acc, c, e, xv, BN: gl.constexpr, BM: gl.constexpr, BIG_SCALES: gl.constexpr,
+                      MMA: gl.constexpr):
+        """``acc`` + the tile's decoded weight [BN, 128] · activations [128, BM], k in the permuted order."""
+        # Code bytes [BN, 4, 16] (row, lane t, byte) -> weights [BN, 4, 16, 2] -> (row, byte, t, nibble) ->
+        # [BN, 128]: MMA k = 8·byte + 2t + nibble, and the register layout is already mma.sync's A fragment
+        # (asserted: no data moves).
+        w = gl.reshape(gl.permute(decode_bytes(c, e, BIG_SCALES), (0, 2, 1, 3)), (BN, BLOCK_K_))
         w = gl.convert_layout(w, gl.DotOperandLayout(operand_index=0, parent=MMA, k_width=2), assert_trivial=True)
         # Activations [4, 32, BM] (weight 32t + 2·byte + nibble of the tile) -> [4, 16, 2, BM] -> (byte, t,
         # nibble, m) -> [128, BM]: the same k order.
