@@ -281,7 +281,7 @@ def test_every_tile_configuration_on_gpu(e4m3):
     ref = x.double() @ wd.T + b.double()
     bad = []
     for cfg in ALL_CONFIGS:
-        if cfg.gluon and e4m3:
+        if (cfg.gluon or cfg.wgmma) and e4m3:
             continue  # MX scales only
         rows = 13 if cfg.gluon else m  # the Gluon kernel serves batches up to 16
         for _ in range(2):  # twice: split-K must leave its workspace and counters ready for the next launch
@@ -366,6 +366,14 @@ def test_gluon_decode_arithmetic_is_exact(big):
     from fakequant.kernels.triton import quant_linear_gluon as qlg
 
     assert "0x40040" in qlg._decode_asm(1) and "0x1001000" in qlg._decode_asm(2)  # the model's constants
+    for factors in (1, 2):  # the four-byte form: byte i taken out by prmt (zero-extended), then the same steps
+        body = qlg._decode_asm(factors).splitlines()[2:-2]  # between the declarations and the output move
+        word = qlg._decode_asm(factors, 4).splitlines()
+        for i in range(4):
+            at = word.index(f"prmt.b32 b, $8, 0, {0x4440 + i:#x};")
+            got = word[at + 1:at + 1 + len(body)]
+            assert got == [line.replace("$2", "b").replace("$3", "$9").replace("$4", "$10") for line in body]
+            assert word[at + 1 + len(body)] == f"mov.b32 {{${2 * i}, ${2 * i + 1}}}, d;"
     e2m1 = torch.tensor([0, 0.5, 1, 1.5, 2, 3, 4, 6], dtype=torch.float64)
     e2m1 = torch.cat([e2m1, -e2m1])
     b = torch.arange(256).repeat_interleave(256 if big else 129)
@@ -399,6 +407,31 @@ def test_gluon_kernel_compiles_for_hopper_within_its_instruction_budget(warps_gr
     assert 3.0 < per_element < 4.5, (per_element, mix.most_common(8))
     assert mix["HMMA"] > 0 and mix["LDS"] == 0 and mix["STS"] == 0  # tensor cores, no shared-memory staging
     assert registers(kernel.asm["cubin"])[1] == 0  # no stack (spills)
+
+
+@pytest.mark.parametrize("shape", [(8, 128, 256, 5), (8, 128, 128, 3)])
+def test_wgmma_kernel_compiles_for_hopper_with_asynchronous_mmas(shape):
+    """The large-batch wgmma kernel compiled ahead of time for sm_90 (no GPU needed): per K tile one group of
+    four asynchronous HGMMAs with a single arrive and a single wait (ptxas serialises them, one wait per MMA, when
+    an operand's registers are reused too early), the decoded weight stored with four 16-byte stores, X copied
+    with 16-byte ``cp.async``, at most 6.5 instructions per decoded weight, and no register spills."""
+    pytest.importorskip("triton")
+    from fakequant.kernels.triton import quant_linear_wgmma as qlw
+
+    if qlw.gluon is None:
+        pytest.skip("this triton has no Gluon")
+    from triton.experimental.gluon._runtime import GluonASTSource
+
+    from fakequant.kernels.triton._sass import compile_sm90, loop_mix, registers
+
+    warps, rows, block_m, x_stages = shape
+    signature, constexprs = qlw.compile_signature(warps, rows, block_m, x_stages)
+    kernel = compile_sm90(GluonASTSource, qlw._large_m_kernel, signature, constexprs, warps)
+    n, mix = loop_mix(kernel.asm["cubin"])
+    assert mix["HGMMA"] == qlw.BLOCK_K // 16 and mix["WARPGROUP"] == 2, mix.most_common(12)
+    assert mix["STS"] == 4 and mix["LDGSTS"] == block_m * qlw.BLOCK_K * 2 // 16 // (32 * warps)
+    assert n / (rows * qlw.BLOCK_K / (32 * warps)) < 6.5, (n, mix.most_common(12))
+    assert registers(kernel.asm["cubin"])[1] == 0
 
 
 def test_quant_linear_caches_the_largest_scale_byte_until_the_buffer_changes():

@@ -308,7 +308,8 @@ class TileConfig(NamedTuple):
     the MMA's registers); ``block_k`` is 128 and ``block_n`` = 16 x ``num_warps`` x row groups per warp.
     ``wgmma``: MX weights, K a multiple of 8: the Gluon kernel of ``quant_linear_wgmma`` (asynchronous Hopper
     ``wgmma``, the decode of the next tile under the current MMA); ``block_m`` activation rows (<= 256),
-    ``block_n`` weight rows (a multiple of 16 x ``num_warps``), ``block_k`` 64."""
+    ``block_n`` weight rows (a multiple of 16 x ``num_warps``), ``block_k`` 64, ``num_stages`` X tiles in shared
+    memory (>= 3)."""
 
     block_m: int
     block_n: int
@@ -355,8 +356,9 @@ CONFIGS_SMALL_M = [
 _DEQUANT_GEMM = T(64, 64, 256, 1, 4, 1, decode_asm=True, dequant_gemm=True)
 CONFIGS_MEDIUM_M = [
     T(64, 64, 128, 1, 4, 4),
-    T(64, 128, 64, 1, 8, 1, wgmma=True),
-    T(128, 128, 64, 1, 8, 1, wgmma=True),
+    T(64, 128, 64, 1, 8, 5, wgmma=True),
+    T(128, 128, 64, 1, 8, 3, wgmma=True),
+    T(256, 128, 64, 1, 8, 5, wgmma=True),
     T(64, 64, 128, 2, 4, 4, decode_asm=True),
     T(64, 128, 128, 1, 4, 4, decode_asm=True),
     T(64, 128, 128, 1, 4, 4, decode_asm=True, swap_ab=True),
@@ -371,10 +373,12 @@ CONFIGS_LARGE_M = [
     T(256, 128, 64, 1, 8, 4, decode_asm=True, swap_ab=True),
     T(128, 256, 64, 1, 8, 3, decode_asm=True, swap_ab=True),
     T(128, 128, 64, 1, 8, 4, decode_asm=True, swap_ab=True),
-    # Gluon wgmma (MX weights): block_m activation rows = the MMA's N, block_n weight rows.
-    T(256, 128, 64, 1, 8, 1, wgmma=True),
-    T(128, 256, 64, 1, 8, 1, wgmma=True),
-    T(128, 128, 64, 1, 8, 1, wgmma=True),
+    # Gluon wgmma (MX weights): block_m activation rows = the MMA's N, block_n weight rows, num_stages X tiles.
+    # On an H100 (docs/benchmarks.md) 256x128 with five X tiles was fastest: one program per SM, X copies
+    # three tiles ahead; two programs per SM (three X tiles) and six X tiles (two weight buffers) were slower.
+    T(256, 128, 64, 1, 8, 5, wgmma=True),
+    T(256, 128, 64, 1, 8, 4, wgmma=True),
+    T(128, 128, 64, 1, 8, 3, wgmma=True),
     _DEQUANT_GEMM,
 ]
 ALL_CONFIGS = CONFIGS_SMALL_M + CONFIGS_MEDIUM_M[:-1] + CONFIGS_LARGE_M
@@ -439,7 +443,7 @@ def _launch(cfg: TileConfig, x, codes, scales, gscale, bias, K, blk, e4m3, out_d
         # kernels round them in registers.
         return quant_linear_wgmma.quant_linear_large_m(
             x.to(torch.bfloat16), codes, scales, bias, y, num_warps=cfg.num_warps, rows=cfg.block_n,
-            block_m=cfg.block_m, group_m=cfg.group_m, big_scales=big_scales)
+            block_m=cfg.block_m, x_stages=cfg.num_stages, group_m=cfg.group_m, big_scales=big_scales)
     if cfg.dequant_gemm:
         w = dequantize(codes, scales, k=K, block=blk, e4m3=e4m3, tensor_scale=gscale, dtype=x.dtype, config=cfg)
         return torch.nn.functional.linear(x, w, bias).to(out_dtype)
@@ -475,8 +479,8 @@ def _gluon_fits(m: int, blk: int, e4m3: bool, device: torch.device) -> bool:
 
 
 def _wgmma_fits(k: int, blk: int, e4m3: bool, device: torch.device) -> bool:
-    """The wgmma kernel can run this call: E8M0 scales per 32, rows of X 16-byte aligned for ``cp.async``
-    (K a multiple of 8), a Hopper (or newer) GPU."""
+    """The wgmma kernel can run this call: E8M0 scales per 32, K a multiple of 8 (code rows read as 32-bit words),
+    a Hopper (or newer) GPU."""
     return (k % 8 == 0 and blk == 32 and not e4m3 and device.type == "cuda" and not _interpreting()
             and quant_linear_wgmma.available(device))
 

@@ -56,18 +56,30 @@ def available(device: torch.device | None = None) -> bool:
 # high nibble's at 22..24 (bf16 exponent/mantissa bits: the E2M1 value times 2^-126; code 1 is the bf16
 # subnormal 2^-127); s = b·0x1001000 = b<<12 | b<<24 puts the signs at bits 15 and 31. Hopper's bf16 arithmetic
 # keeps subnormal inputs, so the multiplies are exact.
-def _decode_asm(factors: int) -> str:
-    lines = ["{", ".reg .b32 m, s, d;", "mul.lo.u32 m, $2, 0x40040;", "mul.lo.u32 s, $2, 0x1001000;",
-             "and.b32 m, m, 0x01C001C0;", "and.b32 s, s, 0x80008000;", "or.b32 d, m, s;", "mul.rn.bf16x2 d, d, $3;"]
-    if factors == 2:
-        lines.append("mul.rn.bf16x2 d, d, $4;")
-    return "\n".join(lines + ["mov.b32 {$0, $1}, d;", "}"])
+#
+# ``nbytes=4``: the input is a word of four code bytes, each taken out with a ``prmt`` (byte i zero-extended) and
+# decoded the same way; outputs $2i, $2i+1 are byte i's values, the word is $8 and the factors $9 (and $10).
+def _decode_asm(factors: int, nbytes: int = 1) -> str:
+    word = 2 * nbytes
+    lines = ["{", ".reg .b32 b, m, s, d;"]
+    for i in range(nbytes):
+        byte = f"${word}" if nbytes == 1 else "b"
+        if nbytes > 1:
+            lines.append(f"prmt.b32 b, ${word}, 0, {0x4440 + i:#x};")
+        lines += [f"mul.lo.u32 m, {byte}, 0x40040;", f"mul.lo.u32 s, {byte}, 0x1001000;", "and.b32 m, m, 0x01C001C0;",
+                  "and.b32 s, s, 0x80008000;", "or.b32 d, m, s;", f"mul.rn.bf16x2 d, d, ${word + 1};"]
+        if factors == 2:
+            lines.append(f"mul.rn.bf16x2 d, d, ${word + 2};")
+        lines.append(f"mov.b32 {{${2 * i}, ${2 * i + 1}}}, d;")
+    return "\n".join(lines + ["}"])
 
 
 if gluon is not None:
     _cta_barrier = getattr(gl, "thread_barrier", None) or gl.barrier  # triton 3.6 / later names
     _DECODE_ONE = gl.constexpr(_decode_asm(1))
     _DECODE_TWO = gl.constexpr(_decode_asm(2))
+    _DECODE_WORD_ONE = gl.constexpr(_decode_asm(1, 4))
+    _DECODE_WORD_TWO = gl.constexpr(_decode_asm(2, 4))
     BLOCK_K_ = gl.constexpr(BLOCK_K)
 
     @gluon.jit
@@ -78,6 +90,15 @@ if gluon is not None:
                                              dtype=(gl.bfloat16, gl.bfloat16), is_pure=True, pack=1)
         return gl.inline_asm_elementwise(_DECODE_ONE, "=h,=h,r,r", [c, f1], dtype=(gl.bfloat16, gl.bfloat16),
                                          is_pure=True, pack=1)
+
+    @gluon.jit
+    def _decode_word(c, f1, f2, BIG_SCALES: gl.constexpr):
+        """bf16 (low, high) nibble values of the four code bytes of each int32 word of ``c``: 8 tensors."""
+        if BIG_SCALES:
+            return gl.inline_asm_elementwise(_DECODE_WORD_TWO, "=h,=h,=h,=h,=h,=h,=h,=h,r,r,r", [c, f1, f2],
+                                             dtype=(gl.bfloat16,) * 8, is_pure=True, pack=1)
+        return gl.inline_asm_elementwise(_DECODE_WORD_ONE, "=h,=h,=h,=h,=h,=h,=h,=h,r,r", [c, f1],
+                                         dtype=(gl.bfloat16,) * 8, is_pure=True, pack=1)
 
     @gluon.jit
     def _fence_gpu(NW: gl.constexpr):
@@ -94,9 +115,8 @@ if gluon is not None:
         gl.store(y_ptr + offs_m * stride_ym + offs_n, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
     @gluon.jit
-    def decode_bytes(c, e, BIG_SCALES: gl.constexpr):
-        """bf16 weights [..., 2] of the code bytes ``c`` (the low nibble's value first) times the scale bytes ``e``
-        (int32 E8M0, one per byte of the last axis of ``c``, which ``e`` lacks)."""
+    def _factors(e, c, BIG_SCALES: gl.constexpr):
+        """The decode's bf16x2 factors for scale bytes ``e`` (int32 E8M0), broadcast over the last axis of ``c``."""
         # 2^(e-1) as bf16x2 (the decode's 2^126 times the scale 2^(e-127)): exponent field e + 126, right for
         # e <= 128 (byte 0, 2^-127, gives 2^-1: exact too). Larger bytes need a second factor 2^(e-128), and
         # byte 255 (NaN) a NaN factor: BIG_SCALES.
@@ -106,11 +126,31 @@ if gluon is not None:
         else:
             f1 = ((e + 126) << 7) * 0x10001
             f2 = f1
-        c = c.to(gl.int32)
         zero = gl.zeros_like(c)
         last: gl.constexpr = len(c.shape) - 1
-        lo, hi = _decode(c, gl.expand_dims(f1, last) + zero, gl.expand_dims(f2, last) + zero, BIG_SCALES)
+        return gl.expand_dims(f1, last) + zero, gl.expand_dims(f2, last) + zero
+
+    @gluon.jit
+    def decode_bytes(c, e, BIG_SCALES: gl.constexpr):
+        """bf16 weights [..., 2] of the code bytes ``c`` (the low nibble's value first) times the scale bytes ``e``
+        (int32 E8M0, one per byte of the last axis of ``c``, which ``e`` lacks)."""
+        c = c.to(gl.int32)
+        f1, f2 = _factors(e, c, BIG_SCALES)
+        lo, hi = _decode(c, f1, f2, BIG_SCALES)
         return gl.join(lo, hi)
+
+    @gluon.jit
+    def decode_words(c, e, BIG_SCALES: gl.constexpr):
+        """bf16 weights [..., 8] in memory order of the int32 words ``c`` of four code bytes (little-endian: byte
+        0 holds weights 0 and 1) times the scale bytes ``e`` (int32 E8M0, one per word of the last axis of ``c``,
+        which ``e`` lacks). Four bytes per asm call: one ``prmt`` takes each byte out of the word, where loading
+        bytes and widening them costs two instructions more per byte."""
+        f1, f2 = _factors(e, c, BIG_SCALES)
+        l0, h0, l1, h1, l2, h2, l3, h3 = _decode_word(c, f1, f2, BIG_SCALES)
+        # join(join(v0, v2), join(v1, v3))[..., i, j] = v_{2i+j}: byte order; then nibble order innermost.
+        lo = gl.join(gl.join(l0, l2), gl.join(l1, l3))
+        hi = gl.join(gl.join(h0, h2), gl.join(h1, h3))
+        return gl.reshape(gl.join(lo, hi), c.shape + [8])
 
     @gluon.jit
     def _tile_product(acc, c, e, xv, BN: gl.constexpr, BM: gl.constexpr, BIG_SCALES: gl.constexpr,

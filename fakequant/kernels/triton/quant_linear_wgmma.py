@@ -6,9 +6,9 @@ tile. Here:
 
 * the MMA computes Yᵀ = W·Xᵀ per program tile: ``BN`` weight rows (its M, 64 per warpgroup) by ``BM``
   activation rows (its N, up to 256);
-* each thread loads 16 contiguous code bytes of a weight row (32 weights, one scale block), decodes each byte
-  into one bf16x2 register (the shared ``quant_linear_gluon.decode_bytes``, 6 instructions a byte) and writes
-  the 32 weights to shared memory with four 16-byte stores;
+* each thread loads 16 contiguous code bytes of a weight row (32 weights, one scale block) as four words,
+  decodes each byte into one bf16x2 register (``quant_linear_gluon.decode_words``, 6 instructions a byte) and
+  writes the 32 weights to shared memory with four 16-byte stores;
 * the X tile is copied global -> shared with ``cp.async`` (bf16 activations; ``quant_linear`` converts others
   first, the same rounding the other kernels apply in registers);
 * both operands are in shared memory, so the ``wgmma`` runs asynchronously: the next tile's codes are loaded
@@ -16,9 +16,10 @@ tile. Here:
   as the register operand, ptxas serialised the MMAs: it reuses the operand registers within a tile.)
 
 The loop is software-pipelined by hand with one ``wgmma`` group in flight and one CTA barrier per K tile of 64,
-which orders the shared-memory writes of a tile before its MMA. Buffers: three of each operand. The weight tile
-written before barrier i was last read by MMA i-3, and the X tile copied after barrier i (tile i+1) lands in the
-buffer of MMA i-2; every warpgroup retired those MMAs before that barrier.
+which orders the shared-memory writes of a tile before its MMA. Codes are loaded one tile ahead, X tiles copied
+``X_STAGES - 2`` tiles ahead, so deeper X buffering hides more of their latency. The X tile copied after
+barrier i (tile i + X_STAGES - 2) lands in the buffer of MMA i-2, and the weight tile written before barrier i
+goes to the buffer of MMA i-3 (three weight buffers); every warpgroup retired those MMAs before that barrier.
 
 Scales: E8M0 only (the ``mxfp4`` family, 32-element blocks), exact as in ``quant_linear_gluon``. Needs sm_90.
 ``quant_linear.quant_linear`` offers it to its tuner as ``TileConfig(wgmma=True)`` for large batches, checked
@@ -37,52 +38,54 @@ if gluon is not None:
     from triton.experimental.gluon.language.nvidia.ampere import async_copy
     from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
-    from .quant_linear_gluon import _cta_barrier, decode_bytes
+    from .quant_linear_gluon import _cta_barrier, decode_words
+
+    # global -> shared cp.async: ``async_copy_global_to_shared`` in triton 3.6, ``async_load`` from 3.7 on.
+    _cp_async = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
 
 __all__ = ["available", "quant_linear_large_m", "BLOCK_K"]
 
 BLOCK_K = 64  # weights per row per K tile: 2 threads x 16 code bytes (one 128-byte row of a bf16 tile)
+SHARED_BYTES = 227 * 1024  # shared memory one CTA may use on Hopper
 
 if gluon is not None:
     BLOCK_K_ = gl.constexpr(BLOCK_K)
 
     @gluon.jit
-    def _load_codes(tile, c_rows, byte_in_tile, s_rows, s_cols, KC, KS, EVEN_K: gl.constexpr):
-        """(code bytes [BN, 2, 16], scale bytes [BN, 2] as int32) of K tile ``tile``."""
-        cb = tile * (BLOCK_K_ // 2) + byte_in_tile
+    def _load_codes(tile, c_rows, word_in_tile, s_rows, s_cols, KC, KS, EVEN_K: gl.constexpr):
+        """(code words [BN, 2, 4] int32, scale bytes [BN, 2] as int32) of K tile ``tile``."""
+        cw = tile * (BLOCK_K_ // 8) + word_in_tile
         sb = tile * (BLOCK_K_ // 32) + s_cols
         if EVEN_K:
-            c = gl.load(c_rows + cb)
+            c = gl.load(c_rows + cw)
             e = gl.load(s_rows + sb)
         else:
-            c = gl.load(c_rows + cb, mask=cb < KC, other=0)
+            c = gl.load(c_rows + cw, mask=cw < KC // 4, other=0)
             e = gl.load(s_rows + sb, mask=sb < KS, other=0)
         return c, e.to(gl.int32)
 
     @gluon.jit
-    def _copy_x(buf, tile, x_rows, x_cols, K, EVEN_K: gl.constexpr):
-        """Start the copy of X tile ``tile`` [BM, 64] into ``buf`` (one ``cp.async`` group)."""
-        xk = tile * BLOCK_K_ + x_cols
-        if EVEN_K:
-            async_copy.async_copy_global_to_shared(buf, x_rows + xk)
-        else:
-            async_copy.async_copy_global_to_shared(buf, x_rows + xk, mask=(xk < K) & (x_rows == x_rows))
+    def _copy_x(buf, tile, x_rows, x_cols):
+        """Start the copy of X tile ``tile`` [BM, 64] into ``buf`` (one ``cp.async`` group; X's rows are padded to
+        a multiple of 64 columns, so no mask)."""
+        _cp_async(buf, x_rows + (tile * BLOCK_K_ + x_cols))
         async_copy.commit_group()
 
     @gluon.jit
     def _large_m_kernel(
-        x_ptr,  # [M, K] bf16 activations, row-major
+        x_ptr,  # [M, ceil(K / 64) * 64] bf16 activations, row-major, zero past column K
         codes_ptr,  # [N, KC] uint8, two E2M1 codes per byte, element 2k in the low nibble
         scales_ptr,  # [N, KS] uint8 E8M0, one per 32 weights along K
         bias_ptr,  # [N] bias (y's dtype); read only when HAS_BIAS
         y_ptr,  # [M, N] output
         M, N, K, KC, KS, stride_xm, stride_cn, stride_sn, stride_ym,
         HAS_BIAS: gl.constexpr, BIG_SCALES: gl.constexpr,
-        EVEN_K: gl.constexpr,  # K % 64 == 0: no masks along K
+        EVEN_K: gl.constexpr,  # K % 64 == 0: no masks on the codes and scales
         BN: gl.constexpr,  # weight rows per program: a multiple of 16 x warps
         BM: gl.constexpr,  # activation rows per program: the wgmma's N, <= 256
         GROUP_M: gl.constexpr,  # programs in a group walk GROUP_M X tiles against the same W tiles (L2 reuse)
-        C_LAYOUT: gl.constexpr,  # [BN, 2, 16] code bytes: row, half of the K tile, byte
+        X_STAGES: gl.constexpr,  # X tiles in shared memory (>= 3): copies run X_STAGES - 2 tiles ahead
+        C_LAYOUT: gl.constexpr,  # [BN, 2, 4] code words: row, half of the K tile, word
         X_LAYOUT: gl.constexpr,  # [BM, 64] activations, 16 bytes per thread
         ACC: gl.constexpr,  # the wgmma accumulator layout [BN, BM]
         SMEM: gl.constexpr,  # shared layout of the operand tiles [rows, 64]
@@ -98,16 +101,17 @@ if gluon is not None:
         pid_m = first_m + (pid % group) % group_m
         pid_n = (pid % group) // group_m
 
-        # Code-byte pointers [BN, 2, 16]: row n, half h, byte j -> codes[n, k0/2 + 16h + j]; scale pointers
-        # [BN, 2]: scales[n, k0/32 + h]. Rows past N read row N-1 (their outputs are never stored).
+        # Code-word pointers [BN, 2, 4]: row n, half h, word j -> bytes 4j .. 4j+3 of codes[n, k0/2 + 16h ..] (16
+        # bytes = one scale block per thread); scale pointers [BN, 2]: scales[n, k0/32 + h]. Rows past N read row
+        # N-1 (their outputs are never stored).
         l_n: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, C_LAYOUT))
         l_h: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(2, C_LAYOUT))
         l_j: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, C_LAYOUT))
         rows = gl.minimum(pid_n * BN + gl.arange(0, BN, layout=l_n), N - 1)
         h3 = gl.expand_dims(gl.expand_dims(gl.arange(0, 2, layout=l_h), 0), 2)
-        j3 = gl.expand_dims(gl.expand_dims(gl.arange(0, 16, layout=l_j), 0), 1)
-        byte_in_tile = h3 * 16 + j3  # [1, 2, 16]
-        c_rows = codes_ptr + gl.expand_dims(gl.expand_dims(rows, 1), 2) * stride_cn
+        j3 = gl.expand_dims(gl.expand_dims(gl.arange(0, 4, layout=l_j), 0), 1)
+        word_in_tile = h3 * 4 + j3  # [1, 2, 4]
+        c_rows = codes_ptr.to(gl.pointer_type(gl.int32)) + gl.expand_dims(gl.expand_dims(rows, 1), 2) * (stride_cn // 4)
         s_layout: gl.constexpr = gl.SliceLayout(2, C_LAYOUT)
         rows2 = gl.minimum(pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, s_layout)), N - 1)
         s_cols = gl.expand_dims(gl.arange(0, 2, layout=gl.SliceLayout(0, s_layout)), 0)  # [1, 2]
@@ -118,22 +122,24 @@ if gluon is not None:
         x_cols = gl.expand_dims(gl.arange(0, BLOCK_K_, layout=gl.SliceLayout(0, X_LAYOUT)), 0)
 
         ws = gl.allocate_shared_memory(gl.bfloat16, [3, BN, BLOCK_K_], SMEM)
-        xs = gl.allocate_shared_memory(gl.bfloat16, [3, BM, BLOCK_K_], SMEM)
+        xs = gl.allocate_shared_memory(gl.bfloat16, [X_STAGES, BM, BLOCK_K_], SMEM)
         n_tiles = (K + BLOCK_K_ - 1) // BLOCK_K_
-        _copy_x(xs.index(0), 0, x_rows, x_cols, K, EVEN_K)
-        c, e = _load_codes(0, c_rows, byte_in_tile, s_rows, s_cols, KC, KS, EVEN_K)
+        last = n_tiles - 1  # loads past the end reload the last tile: in bounds, never used
+        AHEAD: gl.constexpr = X_STAGES - 2  # X tiles in flight
+        for j in gl.static_range(AHEAD):
+            _copy_x(xs.index(j), gl.minimum(j, last), x_rows, x_cols)
+        c, e = _load_codes(0, c_rows, word_in_tile, s_rows, s_cols, KC, KS, EVEN_K)
         acc = gl.zeros((BN, BM), gl.float32, ACC)
         for tile in range(n_tiles):
-            # Weights [BN, 2, 16, 2] (row, half, byte, nibble) -> [BN, 64] in memory order.
+            # Weights [BN, 2, 4, 8] (row, half, word, weight) -> [BN, 64] in memory order.
             w_buf = ws.index(tile % 3)
-            w_buf.store(gl.reshape(decode_bytes(c, e, BIG_SCALES), (BN, BLOCK_K_)))
-            nxt = gl.minimum(tile + 1, n_tiles - 1)  # the last tile reloads itself: in bounds, never used
-            c, e = _load_codes(nxt, c_rows, byte_in_tile, s_rows, s_cols, KC, KS, EVEN_K)
-            async_copy.wait_group(0)  # this thread's part of X tile `tile` has landed
+            w_buf.store(gl.reshape(decode_words(c, e, BIG_SCALES), (BN, BLOCK_K_)))
+            c, e = _load_codes(gl.minimum(tile + 1, last), c_rows, word_in_tile, s_rows, s_cols, KC, KS, EVEN_K)
+            async_copy.wait_group(AHEAD - 1)  # this thread's part of X tile `tile` has landed (later ones may fly)
             fence_async_shared()
             _cta_barrier()
-            _copy_x(xs.index((tile + 1) % 3), nxt, x_rows, x_cols, K, EVEN_K)
-            acc = warpgroup_mma(w_buf, xs.index(tile % 3).permute((1, 0)), acc, is_async=True)
+            _copy_x(xs.index((tile + AHEAD) % X_STAGES), gl.minimum(tile + AHEAD, last), x_rows, x_cols)
+            acc = warpgroup_mma(w_buf, xs.index(tile % X_STAGES).permute((1, 0)), acc, is_async=True)
             acc = warpgroup_mma_wait(num_outstanding=1, deps=[acc])  # retires the previous tile's MMA
         acc = warpgroup_mma_wait(num_outstanding=0, deps=[acc])
         async_copy.wait_group(0)
@@ -158,11 +164,11 @@ def layouts(num_warps: int, rows: int, block_m: int) -> dict:
     ``block_m`` activation rows per program."""
     warp_bits = num_warps.bit_length() - 1
     reps = (rows // (16 * num_warps)).bit_length() - 1  # row repeats per thread beyond the first
-    # Code bytes: 16 per thread (one scale block), two threads per row of a K tile.
+    # Code words: 4 per thread (16 bytes, one scale block), two threads per row of a K tile.
     codes = gl.DistributedLinearLayout(
-        reg_bases=_bases(3, 2, 1, 4) + _bases(3, 0, 16 * num_warps, reps),
+        reg_bases=_bases(3, 2, 1, 2) + _bases(3, 0, 16 * num_warps, reps),
         lane_bases=[[0, 1, 0]] + _bases(3, 0, 1, 4), warp_bases=_bases(3, 0, 16, warp_bits), block_bases=[],
-        shape=[rows, 2, 16])
+        shape=[rows, 2, 4])
     acts = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
     acc = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, block_m, 16])
     smem = gl.NVMMASharedLayout(swizzle_byte_width=128, element_bitwidth=16, rank=2)
@@ -170,16 +176,22 @@ def layouts(num_warps: int, rows: int, block_m: int) -> dict:
     return dict(C_LAYOUT=codes, X_LAYOUT=acts, ACC=acc, SMEM=smem, OUT_LAYOUT=out)
 
 
-def _constexprs(num_warps: int, rows: int, block_m: int, *, has_bias: bool, big_scales: bool, even_k: bool,
-                group_m: int = 8) -> dict:
+def _constexprs(num_warps: int, rows: int, block_m: int, x_stages: int, *, has_bias: bool, big_scales: bool,
+                even_k: bool, group_m: int = 8) -> dict:
+    if x_stages < 3:
+        raise ValueError(f"quant_linear_large_m: x_stages must be >= 3 (one tile in flight), got {x_stages}")
+    shared = (3 * rows + x_stages * block_m) * 2 * BLOCK_K  # three weight tiles, x_stages X tiles, bf16
+    if shared > SHARED_BYTES:
+        raise ValueError(f"quant_linear_large_m: {rows} weight rows and {x_stages} X tiles of {block_m} rows need "
+                         f"{shared} bytes of shared memory, more than the {SHARED_BYTES} a program may use")
     return dict(HAS_BIAS=has_bias, BIG_SCALES=big_scales, EVEN_K=even_k, BN=rows, BM=block_m, GROUP_M=group_m,
-                **layouts(num_warps, rows, block_m))
+                X_STAGES=x_stages, **layouts(num_warps, rows, block_m))
 
 
-def compile_signature(num_warps: int, rows: int, block_m: int) -> tuple[dict, dict]:
+def compile_signature(num_warps: int, rows: int, block_m: int, x_stages: int) -> tuple[dict, dict]:
     """(signature, constexprs) of ``_large_m_kernel`` for an ahead-of-time ``triton.compile`` (bf16 activations
     and output, no bias, scale bytes <= 128, K a multiple of 64)."""
-    constexprs = _constexprs(num_warps, rows, block_m, has_bias=False, big_scales=False, even_k=True)
+    constexprs = _constexprs(num_warps, rows, block_m, x_stages, has_bias=False, big_scales=False, even_k=True)
     signature = {"x_ptr": "*bf16", "codes_ptr": "*u8", "scales_ptr": "*u8", "bias_ptr": "*bf16", "y_ptr": "*bf16",
                  "M": "i32", "N": "i32", "K": "i32", "KC": "i32", "KS": "i32",
                  "stride_xm": "i32", "stride_cn": "i32", "stride_sn": "i32", "stride_ym": "i32"}
@@ -188,24 +200,32 @@ def compile_signature(num_warps: int, rows: int, block_m: int) -> tuple[dict, di
 
 
 def quant_linear_large_m(x: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, bias: torch.Tensor | None,
-                         y: torch.Tensor, *, num_warps: int, rows: int, block_m: int, group_m: int,
+                         y: torch.Tensor, *, num_warps: int, rows: int, block_m: int, x_stages: int, group_m: int,
                          big_scales: bool) -> torch.Tensor:
     """``y = x · dequant(codes, E8M0 scales per 32)ᵀ (+ bias)`` for ``x`` ``[M, K]``, written into ``y``; programs
-    of ``rows`` weight rows by ``block_m`` activation rows. The inputs are checked by ``quant_linear``."""
+    of ``rows`` weight rows by ``block_m`` activation rows, ``x_stages`` X tiles in shared memory. The inputs
+    are checked by ``quant_linear``."""
     m, k = x.shape
     n = codes.shape[0]
     if x.dtype != torch.bfloat16:
         raise TypeError(f"quant_linear_large_m: x must be bfloat16 (cp.async copies it as is), got {x.dtype}")
+    if k % 8 or codes.stride(0) % 4:
+        raise ValueError(f"quant_linear_large_m: K must be a multiple of 8 (code rows are read as 32-bit words), "
+                         f"got K={k}")
+    if k % BLOCK_K:
+        # cp.async copies 16-byte pieces and cannot mask within one: zero columns up to a whole tile (their
+        # weights are masked to 0 too). Model dimensions are multiples of 64, so this copy is rare.
+        x = torch.nn.functional.pad(x, (0, BLOCK_K - k % BLOCK_K))
     bias_arg = bias if bias is not None else y  # any pointer; read only with HAS_BIAS
     tensors = (x, codes, scales, bias_arg, y)
     key = ("large_m", m, n, k, codes.shape[1], scales.shape[1], x.stride(0), codes.stride(0), scales.stride(0),
-           y.stride(0), x.dtype, y.dtype, bias is not None, big_scales, num_warps, rows, block_m, group_m)
+           y.stride(0), x.dtype, y.dtype, bias is not None, big_scales, num_warps, rows, block_m, x_stages, group_m)
 
     def prepare():
         args = tensors + (m, n, k, codes.shape[1], scales.shape[1], x.stride(0), codes.stride(0), scales.stride(0),
                           y.stride(0))
-        constexprs = _constexprs(num_warps, rows, block_m, has_bias=bias is not None, big_scales=big_scales,
-                                 even_k=k % BLOCK_K == 0, group_m=group_m)
+        constexprs = _constexprs(num_warps, rows, block_m, x_stages, has_bias=bias is not None,
+                                 big_scales=big_scales, even_k=k % BLOCK_K == 0, group_m=group_m)
         return (triton.cdiv(m, block_m) * triton.cdiv(n, rows),), args, dict(constexprs, num_warps=num_warps)
 
     launch(_large_m_kernel, key, tensors, prepare)
