@@ -108,6 +108,25 @@ if gluon is not None:
                                   dtype=gl.int32, is_pure=False, pack=1)
 
     @gluon.jit
+    def row_pointers(codes_ptr, scales_ptr, stride_c, stride_s, pid_n, N, BN: gl.constexpr, A: gl.constexpr,
+                     B: gl.constexpr, C_LAYOUT: gl.constexpr):
+        """Pointers of a program's ``BN`` weight rows for a code tile [BN, A, B] in ``C_LAYOUT`` whose part a (B
+        code elements, of ``codes_ptr``'s type) is one scale block: (code row pointers [BN, 1, 1], element
+        offsets a·B + b [1, A, B], scale row pointers [BN, 1], scale offsets a [1, A]). Rows past N read row N-1
+        instead of being masked (valid memory; their outputs are never stored)."""
+        l_n: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, C_LAYOUT))
+        l_a: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(2, C_LAYOUT))
+        l_b: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, C_LAYOUT))
+        rows = gl.minimum(pid_n * BN + gl.arange(0, BN, layout=l_n), N - 1)
+        a3 = gl.expand_dims(gl.expand_dims(gl.arange(0, A, layout=l_a), 0), 2)
+        b3 = gl.expand_dims(gl.expand_dims(gl.arange(0, B, layout=l_b), 0), 1)
+        c_rows = codes_ptr + gl.expand_dims(gl.expand_dims(rows, 1), 2) * stride_c
+        s_layout: gl.constexpr = gl.SliceLayout(2, C_LAYOUT)
+        rows2 = gl.minimum(pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, s_layout)), N - 1)
+        a2 = gl.expand_dims(gl.arange(0, A, layout=gl.SliceLayout(0, s_layout)), 0)
+        return c_rows, a3 * B + b3, scales_ptr + gl.expand_dims(rows2, 1) * stride_s, a2
+
+    @gluon.jit
     def _finish(acc, y_ptr, bias_ptr, offs_n, offs_m, mask, stride_ym, N, HAS_BIAS: gl.constexpr):
         """Y[m, n] = acc[n, m] (+ bias[n]) in y's dtype."""
         if HAS_BIAS:
@@ -188,21 +207,10 @@ if gluon is not None:
         BM: gl.constexpr = 16
         pid_n = gl.program_id(0)
         pid_k = gl.program_id(1)
-        # Code-byte pointers [BN, 4, 16]: row n, lane t, byte j -> codes[n, k0/2 + 16t + j]. Rows past N read
-        # row N-1 instead of being masked (valid memory; their outputs are never stored).
-        l_n: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, C_LAYOUT))
-        l_t: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(2, C_LAYOUT))
-        l_j: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, C_LAYOUT))
-        rows = gl.minimum(pid_n * BN + gl.arange(0, BN, layout=l_n), N - 1)
-        t3 = gl.expand_dims(gl.expand_dims(gl.arange(0, 4, layout=l_t), 0), 2)
-        j3 = gl.expand_dims(gl.expand_dims(gl.arange(0, 16, layout=l_j), 0), 1)
-        byte_in_tile = t3 * 16 + j3  # [1, 4, 16]
-        c_rows = codes_ptr + gl.expand_dims(gl.expand_dims(rows, 1), 2) * stride_cn
-        # Scale pointers [BN, 4]: row n, lane t -> scales[n, k0/32 + t].
-        s_layout: gl.constexpr = gl.SliceLayout(2, C_LAYOUT)
-        rows2 = gl.minimum(pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, s_layout)), N - 1)
-        t2 = gl.expand_dims(gl.arange(0, 4, layout=gl.SliceLayout(0, s_layout)), 0)
-        s_rows = scales_ptr + gl.expand_dims(rows2, 1) * stride_sn
+        # Code bytes [BN, 4, 16]: row n, lane t, byte j -> codes[n, k0/2 + 16t + j]; scales [BN, 4]: row n, lane
+        # t -> scales[n, k0/32 + t].
+        c_rows, byte_in_tile, s_rows, t2 = row_pointers(codes_ptr, scales_ptr, stride_cn, stride_sn, pid_n, N, BN, 4,
+                                                        16, C_LAYOUT)
         # Activation pointers [4, 32, 16]: lane t, e, batch row m -> x[m, k0 + 32t + e]; rows past M masked
         # (no memory traffic at batch 1).
         xl_t: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, X_LAYOUT))

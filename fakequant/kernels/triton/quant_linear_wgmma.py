@@ -38,7 +38,7 @@ if gluon is not None:
     from triton.experimental.gluon.language.nvidia.ampere import async_copy
     from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, warpgroup_mma, warpgroup_mma_wait
 
-    from .quant_linear_gluon import _cta_barrier, decode_words
+    from .quant_linear_gluon import _cta_barrier, decode_words, row_pointers
 
     # global -> shared cp.async: ``async_copy_global_to_shared`` in triton 3.6, ``async_load`` from 3.7 on.
     _cp_async = getattr(async_copy, "async_load", None) or async_copy.async_copy_global_to_shared
@@ -101,21 +101,10 @@ if gluon is not None:
         pid_m = first_m + (pid % group) % group_m
         pid_n = (pid % group) // group_m
 
-        # Code-word pointers [BN, 2, 4]: row n, half h, word j -> bytes 4j .. 4j+3 of codes[n, k0/2 + 16h ..] (16
-        # bytes = one scale block per thread); scale pointers [BN, 2]: scales[n, k0/32 + h]. Rows past N read row
-        # N-1 (their outputs are never stored).
-        l_n: gl.constexpr = gl.SliceLayout(1, gl.SliceLayout(2, C_LAYOUT))
-        l_h: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(2, C_LAYOUT))
-        l_j: gl.constexpr = gl.SliceLayout(0, gl.SliceLayout(1, C_LAYOUT))
-        rows = gl.minimum(pid_n * BN + gl.arange(0, BN, layout=l_n), N - 1)
-        h3 = gl.expand_dims(gl.expand_dims(gl.arange(0, 2, layout=l_h), 0), 2)
-        j3 = gl.expand_dims(gl.expand_dims(gl.arange(0, 4, layout=l_j), 0), 1)
-        word_in_tile = h3 * 4 + j3  # [1, 2, 4]
-        c_rows = codes_ptr.to(gl.pointer_type(gl.int32)) + gl.expand_dims(gl.expand_dims(rows, 1), 2) * (stride_cn // 4)
-        s_layout: gl.constexpr = gl.SliceLayout(2, C_LAYOUT)
-        rows2 = gl.minimum(pid_n * BN + gl.arange(0, BN, layout=gl.SliceLayout(1, s_layout)), N - 1)
-        s_cols = gl.expand_dims(gl.arange(0, 2, layout=gl.SliceLayout(0, s_layout)), 0)  # [1, 2]
-        s_rows = scales_ptr + gl.expand_dims(rows2, 1) * stride_sn
+        # Code words [BN, 2, 4]: row n, half h, word j -> bytes 4j .. 4j+3 of codes[n, k0/2 + 16h ..] (16 bytes =
+        # one scale block per thread); scales [BN, 2]: row n, half h -> scales[n, k0/32 + h].
+        c_rows, word_in_tile, s_rows, s_cols = row_pointers(codes_ptr.to(gl.pointer_type(gl.int32)), scales_ptr,
+                                                            stride_cn // 4, stride_sn, pid_n, N, BN, 2, 4, C_LAYOUT)
         # Activation pointers [BM, 64]: x[m, k0 + k]. Rows past M read row M-1 (never stored).
         xm = gl.minimum(pid_m * BM + gl.arange(0, BM, layout=gl.SliceLayout(1, X_LAYOUT)), M - 1)
         x_rows = x_ptr + gl.expand_dims(xm, 1) * stride_xm
