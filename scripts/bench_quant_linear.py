@@ -18,8 +18,8 @@ run on the same activations:
   (codes and scales, cold, same graph timing) and xor them: no fused kernel can beat it, so it says how much
   of a target time is left for decoding and multiplying.
 
-"fused" is the fastest fused-kernel configuration the tuner measured (at batch <= 16 with MX weights, usually
-the Gluon kernel of ``quant_linear_gluon``); "auto" is what ``QuantLinear`` runs, the tuner's overall choice,
+"fused" is the fastest fused-kernel configuration the tuner measured (with MX weights on Hopper, usually the
+Gluon kernel of ``quant_linear_gluon`` at batch <= 16 and that of ``quant_linear_wgmma`` at batch 4096); "auto" is what ``QuantLinear`` runs, the tuner's overall choice,
 which at large batches may be the dequantize-then-cuBLAS path. Calls pass the largest scale byte, as
 ``QuantLinear`` does.
 
@@ -177,8 +177,9 @@ def main() -> None:
                        refused=[(c._asdict(), str(why)) for c, why in qlk._REFUSED.get(key, [])])
             rows.append(row)
             c = cfg
-            ctext = (f"{c.block_m}x{c.block_n}x{c.block_k} sk{c.split_k} w{c.num_warps} s{c.num_stages}"
-                     f"{' asm' if c.decode_asm else ''}{' swap' if c.swap_ab else ''}{' gluon' if c.gluon else ''}{' wgmma' if c.wgmma else ''}")
+            flags = [name for name in ("decode_asm", "swap_ab", "gluon", "wgmma") if getattr(c, name)]
+            ctext = (f"{c.block_m}x{c.block_n}x{c.block_k} sk{c.split_k} w{c.num_warps} s{c.num_stages} "
+                     f"{' '.join(flags)}").rstrip()
             atext = "dq+gemm" if auto_cfg.dequant_gemm else "fused"
             print(f"{n:>5} x{k:>5} {m:>5} | {t_lin:>8.1f}u {t_q:>8.1f}u {t_lin / t_q:>6.2f} | {t_auto:>8.1f}u "
                   f"{t_lin / t_auto:>6.2f} | {ev_lin:>8.1f}u {ev_q:>8.1f}u {ev_lin / ev_q:>6.2f} | {tflops:>7.1f} "
