@@ -180,7 +180,7 @@ def main() -> None:
             c = cfg
             flags = [name for name in ("decode_asm", "swap_ab", "gluon", "wgmma") if getattr(c, name)]
             ctext = (f"{c.block_m}x{c.block_n}x{c.block_k} sk{c.split_k} w{c.num_warps} s{c.num_stages} "
-                     f"{' '.join(flags)}").rstrip()
+                     f"{' '.join(flags)}{f' kw{c.k_warps}' if c.k_warps > 1 else ''}").rstrip()
             atext = "dq+gemm" if auto_cfg.dequant_gemm else "fused"
             print(f"{n:>5} x{k:>5} {m:>5} | {t_lin:>8.1f}u {t_q:>8.1f}u {t_lin / t_q:>6.2f} | {t_auto:>8.1f}u "
                   f"{t_lin / t_auto:>6.2f} | {ev_lin:>8.1f}u {ev_q:>8.1f}u {ev_lin / ev_q:>6.2f} | {tflops:>7.1f} "

@@ -1,7 +1,7 @@
 """Instruction mix of the QuantLinear kernels' K loop, compiled for sm_90 on any machine (no GPU needed).
 
     python scripts/sass_loop_mix.py                      # the tuned Triton-language and Gluon batch<=16 configs
-    python scripts/sass_loop_mix.py --triton 16x64x512:4:3 --gluon 4:2:8
+    python scripts/sass_loop_mix.py --triton 16x64x512:4:3 --gluon 8:1:2:1:16:1
 
 Each kernel is compiled with Triton's own toolchain for a Hopper target (``triton.compile`` with
 ``GPUTarget("cuda", 90, 32)``; integer arguments specialised as divisible by 16, as a launch with 4096-wide
@@ -44,20 +44,20 @@ def triton_kernel(block_n: int, block_k: int, num_warps: int, num_stages: int, s
            block_n * block_k / (32 * num_warps))
 
 
-def gluon_kernel(num_warps: int, row_groups: int, split_k: int) -> None:
+def gluon_kernel(shape: qlg.SmallMShape, split_k: int) -> None:
     from triton.experimental.gluon._runtime import GluonASTSource
 
-    signature, constexprs = qlg.compile_signature(num_warps, row_groups, split_k)
-    k = compile_sm90(GluonASTSource, qlg._small_m_kernel, signature, constexprs, num_warps)
-    rows = constexprs["BN"]
-    report(f"Gluon kernel, {rows} rows ({num_warps} warps x {row_groups} row groups), split-K {split_k}", k,
-           rows * qlg.BLOCK_K / (32 * num_warps))
+    signature, constexprs = qlg.compile_signature(shape, split_k)
+    k = compile_sm90(GluonASTSource, qlg._small_m_kernel, signature, constexprs, shape.num_warps)
+    report(f"Gluon kernel {shape}, {shape.rows} rows x {shape.block_k} weights per step, split-K {split_k}", k,
+           shape.rows * shape.block_k / (32 * shape.num_warps))
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--triton", default="16x32x512:4:3", help="16xBNxBK:warps:stages of the Triton kernel")
-    parser.add_argument("--gluon", default="4:2:8", help="warps:row groups:split-K of the Gluon kernel")
+    parser.add_argument("--gluon", default="8:1:1:2:8:1",
+                        help="k_warps:row_warps:row_groups:pieces:block_m:split-K of the Gluon kernel")
     args = parser.parse_args()
     print(f"triton {triton.__version__}, target sm_90")
     _, bn, bk = (int(v) for v in args.triton.split(":")[0].split("x"))
@@ -66,7 +66,8 @@ def main() -> None:
     if qlg.gluon is None:
         print("Gluon is not available in this Triton")
     else:
-        gluon_kernel(*(int(v) for v in args.gluon.split(":")))
+        *shape, split_k = (int(v) for v in args.gluon.split(":"))
+        gluon_kernel(qlg.SmallMShape(*shape), split_k)
 
 
 if __name__ == "__main__":

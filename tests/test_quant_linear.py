@@ -283,7 +283,7 @@ def test_every_tile_configuration_on_gpu(e4m3):
     for cfg in ALL_CONFIGS:
         if (cfg.gluon or cfg.wgmma) and e4m3:
             continue  # MX scales only
-        rows = 13 if cfg.gluon else m  # the Gluon kernel serves batches up to 16
+        rows = cfg.block_m - 3 if cfg.gluon else m  # a Gluon configuration serves batches up to block_m
         for _ in range(2):  # twice: split-K must leave its workspace and counters ready for the next launch
             y = quant_linear(x[:rows], p.codes, p.scales, block=16 if e4m3 else 32, e4m3=e4m3,
                              tensor_scale=p.tensor_scale, bias=b, config=cfg)
@@ -359,21 +359,20 @@ def _gluon_decode_model(b: torch.Tensor, e: torch.Tensor, big: bool) -> tuple[to
 
 @pytest.mark.parametrize("big", [False, True])
 def test_gluon_decode_arithmetic_is_exact(big):
-    """The Gluon kernel's decode (``quant_linear_gluon._decode_asm``), modelled bit for bit on the CPU: every
+    """The Gluon kernels' decode (``quant_linear_gluon._decode_asm``), modelled bit for bit on the CPU: every
     code byte with every scale byte it may see (<= 128 for the one-multiply path, all 256 with BIG_SCALES)
     gives E2M1(low nibble, high nibble) x 2^(e-127) exactly, in bf16, and byte 255 gives NaN."""
     pytest.importorskip("triton")
     from fakequant.kernels.triton import quant_linear_gluon as qlg
 
-    assert "0x40040" in qlg._decode_asm(1) and "0x1001000" in qlg._decode_asm(2)  # the model's constants
-    for factors in (1, 2):  # the four-byte form: byte i taken out by prmt (zero-extended), then the same steps
-        body = qlg._decode_asm(factors).splitlines()[2:-2]  # between the declarations and the output move
-        word = qlg._decode_asm(factors, 4).splitlines()
+    for factors in (1, 2):  # per byte i: taken out of the word by prmt (zero-extended), then the modelled steps
+        word = qlg._decode_asm(factors).splitlines()
         for i in range(4):
             at = word.index(f"prmt.b32 b, $8, 0, {0x4440 + i:#x};")
-            got = word[at + 1:at + 1 + len(body)]
-            assert got == [line.replace("$2", "b").replace("$3", "$9").replace("$4", "$10") for line in body]
-            assert word[at + 1 + len(body)] == f"mov.b32 {{${2 * i}, ${2 * i + 1}}}, d;"
+            steps = ["mul.lo.u32 m, b, 0x40040;", "mul.lo.u32 s, b, 0x1001000;", "and.b32 m, m, 0x01C001C0;",
+                     "and.b32 s, s, 0x80008000;", "or.b32 d, m, s;", "mul.rn.bf16x2 d, d, $9;"]
+            steps += ["mul.rn.bf16x2 d, d, $10;"] * (factors - 1) + [f"mov.b32 {{${2 * i}, ${2 * i + 1}}}, d;"]
+            assert word[at + 1:at + 1 + len(steps)] == steps
     e2m1 = torch.tensor([0, 0.5, 1, 1.5, 2, 3, 4, 6], dtype=torch.float64)
     e2m1 = torch.cat([e2m1, -e2m1])
     b = torch.arange(256).repeat_interleave(256 if big else 129)
@@ -384,12 +383,12 @@ def test_gluon_decode_arithmetic_is_exact(big):
     assert_bitwise_equal(hi, (e2m1[b >> 4] * scale).to(torch.bfloat16))
 
 
-@pytest.mark.parametrize("warps_groups", [(4, 1), (4, 2)])
-def test_gluon_kernel_compiles_for_hopper_within_its_instruction_budget(warps_groups):
+@pytest.mark.parametrize("shape_split", [((8, 1, 1, 2, 8), 1), ((8, 1, 2, 1, 16), 1), ((1, 4, 2, 1, 16), 8)])
+def test_gluon_kernel_compiles_for_hopper_within_its_instruction_budget(shape_split):
     """Compiled ahead of time for sm_90 (no GPU needed): the layout conversions that put the decoded bytes and
     the activations into the MMA fragments are asserted trivial by the compiler (no data moves), and the K
     loop stays near 4 SASS instructions per weight element (the Triton-language kernel needs about 6.5), with
-    no register spills."""
+    no register spills; warps along K (rank-3 MMA) and along rows alike."""
     pytest.importorskip("triton")
     from fakequant.kernels.triton import quant_linear_gluon as qlg
 
@@ -399,14 +398,30 @@ def test_gluon_kernel_compiles_for_hopper_within_its_instruction_budget(warps_gr
 
     from fakequant.kernels.triton._sass import compile_sm90, loop_mix, registers
 
-    warps, groups = warps_groups
-    signature, constexprs = qlg.compile_signature(warps, groups, split_k=8)
-    kernel = compile_sm90(GluonASTSource, qlg._small_m_kernel, signature, constexprs, warps)
+    shape, split_k = qlg.SmallMShape(*shape_split[0]), shape_split[1]
+    signature, constexprs = qlg.compile_signature(shape, split_k)
+    kernel = compile_sm90(GluonASTSource, qlg._small_m_kernel, signature, constexprs, shape.num_warps)
     n, mix = loop_mix(kernel.asm["cubin"])
-    per_element = n / (constexprs["BN"] * qlg.BLOCK_K / (32 * warps))
+    per_element = n / (shape.rows * shape.block_k / (32 * shape.num_warps))
     assert 3.0 < per_element < 4.5, (per_element, mix.most_common(8))
     assert mix["HMMA"] > 0 and mix["LDS"] == 0 and mix["STS"] == 0  # tensor cores, no shared-memory staging
     assert registers(kernel.asm["cubin"])[1] == 0  # no stack (spills)
+
+
+def test_gluon_tile_configurations_name_valid_program_shapes():
+    """Every Gluon candidate maps to a program shape (warps, rows, K per step consistent, powers of two), and one
+    that does not is refused with a message naming the values and the rule."""
+    pytest.importorskip("triton")
+    from fakequant.kernels.triton import quant_linear as qlk
+    from fakequant.kernels.triton import quant_linear_gluon as qlg
+
+    for cfg in (c for c in qlk.ALL_CONFIGS if c.gluon):
+        shape = qlg.SmallMShape.from_tile(cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.k_warps)
+        assert (shape.rows, shape.block_k, shape.num_warps, shape.block_m) == (cfg.block_n, cfg.block_k,
+                                                                                cfg.num_warps, cfg.block_m)
+    for bad in [(8, 24, 1024, 8, 8), (8, 16, 1000, 8, 8), (12, 16, 1024, 8, 8), (8, 16, 1024, 8, 3)]:
+        with pytest.raises(ValueError, match="no Gluon program shape"):
+            qlg.SmallMShape.from_tile(*bad)
 
 
 @pytest.mark.parametrize("shape", [(8, 128, 256, 5), (8, 128, 128, 3)])
@@ -475,6 +490,8 @@ def _check_mx_kernel(configs, batches, n, k, dtype) -> list:
         ref = x.to(torch.bfloat16).double() @ wd.T + b.double()
         small_ref = x.to(torch.bfloat16).double() @ small_wd.T
         for cfg in configs:
+            if cfg.gluon and m > cfg.block_m:
+                continue  # refused with a ValueError (test_gluon_kernel_on_gpu)
             for _ in range(2):
                 y = qlk.quant_linear(x, p.codes, p.scales, block=32, bias=b, config=cfg)
                 rel = _rel_l2(y[:, finite], ref[:, finite])
@@ -490,21 +507,27 @@ def _check_mx_kernel(configs, batches, n, k, dtype) -> list:
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_gluon_kernel_on_gpu(dtype):
     """The Gluon batch <= 16 kernel on ragged shapes (N not a multiple of the rows per program, K not a
-    multiple of 128), every configuration, with bias, blocks with scale bytes above 128, a NaN scale (255)
-    and zero blocks: equal to the float64 product of the same operands within bf16 rounding, NaN exactly in
-    the outputs of rows with a NaN block, and the split-K scratch left at zero."""
+    multiple of a program step), every configuration on batches up to its block_m, with bias, blocks with
+    scale bytes above 128, a NaN scale (255) and zero blocks: equal to the float64 product of the same
+    operands within bf16 rounding, NaN exactly in the outputs of rows with a NaN block, and the split-K
+    scratch left at zero; more rows than block_m, or K not a multiple of 8, refused with a clear error."""
     from fakequant.kernels.triton import quant_linear as qlk
 
     torch.manual_seed(3)
     k = 2080 + 40
     gluon = [c for c in qlk.ALL_CONFIGS if c.gluon]
     assert gluon
-    bad = _check_mx_kernel(gluon, (1, 5, 16), 1000, k, dtype)
+    bad = _check_mx_kernel(gluon, (1, 5, 8, 9, 16), 1000, k, dtype)
     assert not bad, bad[:4]
     assert all(not t.any() for t in qlk._WORKSPACE.values())
     p = pack(torch.randn(64, k, device="cuda"), "mxfp4")
-    with pytest.raises(ValueError, match="Gluon configuration"):
-        qlk.quant_linear(torch.randn(17, k, device="cuda", dtype=dtype), p.codes, p.scales, block=32,
+    for cfg in gluon:  # more rows than block_m
+        with pytest.raises(ValueError, match="Gluon configuration"):
+            qlk.quant_linear(torch.randn(cfg.block_m + 1, k, device="cuda", dtype=dtype), p.codes, p.scales,
+                             block=32, config=cfg)
+    p = pack(torch.randn(64, 100, device="cuda"), "mxfp4")  # K not a multiple of 8
+    with pytest.raises(ValueError, match="K a multiple of 8"):
+        qlk.quant_linear(torch.randn(1, 100, device="cuda", dtype=dtype), p.codes, p.scales, block=32,
                          config=gluon[0])
 
 

@@ -303,9 +303,11 @@ class TileConfig(NamedTuple):
     wgmma's register operand, which lets Triton keep one wgmma group in flight while the next tile decodes
     (W as the shared-memory operand forces a wait after every MMA). ``dequant_gemm``: not fused: decode the
     whole weight to x's dtype (``block_n`` x ``block_k`` tiles), then ``F.linear`` (cuBLAS); a candidate for
-    large batches, where the one-off decode is small next to the matrix product. ``gluon``: batch <= 16, MX
-    weights only: the Gluon kernel of ``quant_linear_gluon`` (explicit layouts, the decoded weight already in
-    the MMA's registers); ``block_k`` is 128 and ``block_n`` = 16 x ``num_warps`` x row groups per warp.
+    large batches, where the one-off decode is small next to the matrix product. ``gluon``: batch <= ``block_m``
+    (8 or 16), MX weights, K a multiple of 8: the Gluon kernel of ``quant_linear_gluon`` (explicit layouts, the
+    decoded weight already in the MMA's registers); ``k_warps`` of the ``num_warps`` warps split K inside a
+    program, ``block_n`` = 16 x (``num_warps`` / ``k_warps``) x row groups per warp, ``block_k`` = 128 x
+    ``k_warps`` x pieces per warp: the weights of a row one program step reads.
     ``wgmma``: MX weights, K a multiple of 8: the Gluon kernel of ``quant_linear_wgmma`` (asynchronous Hopper
     ``wgmma``, the decode of the next tile under the current MMA); ``block_m`` activation rows (<= 256),
     ``block_n`` weight rows (a multiple of 16 x ``num_warps``), ``block_k`` 64, ``num_stages`` X tiles in shared
@@ -323,6 +325,7 @@ class TileConfig(NamedTuple):
     dequant_gemm: bool = False
     gluon: bool = False
     wgmma: bool = False
+    k_warps: int = 1
 
 
 T = TileConfig
@@ -346,12 +349,18 @@ CONFIGS_SMALL_M = [
     T(16, 64, 512, 2, 8, 3, decode_asm=True),
     T(16, 128, 512, 2, 8, 3, decode_asm=True),
     T(16, 128, 256, 2, 8, 4, decode_asm=True),
-    # Gluon (MX weights): the best of a sweep on an H100 at batch 1, 4 and 16 (docs/benchmarks.md).
+    # Gluon (MX weights), the best of sweeps on an H100 at batch 1-16 (docs/benchmarks.md). Warps split K
+    # (k_warps 8: a program walks all of K in few steps, no global split-K): block_m 8 for batches up to 8,
+    # 16 above; then the earlier warps-along-rows shapes with split-K, for weights with few rows.
+    T(8, 16, 2048, 1, 8, 1, gluon=True, k_warps=8),
+    T(8, 32, 1024, 1, 16, 1, gluon=True, k_warps=8),
+    T(8, 16, 4096, 1, 8, 1, gluon=True, k_warps=8),
+    T(16, 32, 2048, 1, 8, 1, gluon=True, k_warps=8),
+    T(16, 32, 1024, 1, 8, 1, gluon=True, k_warps=8),
+    T(16, 32, 1024, 2, 4, 1, gluon=True, k_warps=4),
     T(16, 64, 128, 16, 4, 1, gluon=True),
     T(16, 64, 128, 8, 4, 1, gluon=True),
     T(16, 128, 128, 8, 4, 1, gluon=True),
-    T(16, 64, 128, 8, 2, 1, gluon=True),
-    T(16, 128, 128, 16, 4, 1, gluon=True),
 ]
 _DEQUANT_GEMM = T(64, 64, 256, 1, 4, 1, decode_asm=True, dequant_gemm=True)
 CONFIGS_MEDIUM_M = [
@@ -392,6 +401,7 @@ _REFUSED: dict[tuple, list] = {}  # key -> [(config, why)] refused by the tuner 
 # arrival counters per (device, tiles). Launches that share them must be ordered (one stream).
 _WORKSPACE: dict[tuple, torch.Tensor] = {}
 _FLUSH: dict[int, torch.Tensor] = {}  # per device: the buffer _time_cold reads to empty the L2 cache
+_SLEEP_CYCLES = 200_000  # about 100 us of GPU clock: longer than the host needs to queue one call
 
 
 def _scratch(key: tuple, shape: tuple, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -402,7 +412,12 @@ def _scratch(key: tuple, shape: tuple, dtype: torch.dtype, device: torch.device)
 
 
 def _m_bucket(m: int) -> int:
-    return 1 if m == 1 else 4 if m <= 4 else 16 if m <= 16 else 64 if m <= 64 else 256 if m <= 256 else 4096
+    """The batch sizes that share a tuned configuration: the largest of ``m``'s bucket (a configuration chosen
+    for a bucket must serve all of it; the Gluon ones serve up to their ``block_m`` rows)."""
+    for top in (1, 4, 8, 16, 64, 256):
+        if m <= top:
+            return top
+    return 4096
 
 
 def _interpreting() -> bool:
@@ -434,9 +449,10 @@ def _launch(cfg: TileConfig, x, codes, scales, gscale, bias, K, blk, e4m3, out_d
         ws = _scratch(("ws", x.device, M, N), (M, N), torch.float32, x.device)
         cnt = _scratch(("cnt", x.device, triton.cdiv(N, cfg.block_n)), (triton.cdiv(N, cfg.block_n),), torch.int32,
                        x.device)
-        return quant_linear_gluon.quant_linear_small_m(
-            x, codes, scales, bias, y, ws, cnt, split_k=cfg.split_k, num_warps=cfg.num_warps,
-            row_groups=cfg.block_n // (16 * cfg.num_warps), big_scales=big_scales)
+        shape = quant_linear_gluon.SmallMShape.from_tile(cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps,
+                                                         cfg.k_warps)
+        return quant_linear_gluon.quant_linear_small_m(x, codes, scales, bias, y, ws, cnt, shape=shape,
+                                                       split_k=cfg.split_k, big_scales=big_scales)
     if cfg.wgmma:
         y = torch.empty((M, N), device=x.device, dtype=out_dtype)
         # The kernel copies X into shared memory as is: other dtypes are rounded to bf16 first, as the other
@@ -472,10 +488,11 @@ def _launch(cfg: TileConfig, x, codes, scales, gscale, bias, K, blk, e4m3, out_d
     return y
 
 
-def _gluon_fits(m: int, blk: int, e4m3: bool, device: torch.device) -> bool:
-    """The Gluon kernel can run this call: at most 16 rows, E8M0 scales per 32, a Hopper (or newer) GPU."""
-    return (m <= 16 and blk == 32 and not e4m3 and device.type == "cuda" and not _interpreting()
-            and quant_linear_gluon.available(device))
+def _gluon_fits(cfg: TileConfig, m: int, k: int, blk: int, e4m3: bool, device: torch.device) -> bool:
+    """The Gluon configuration ``cfg`` can run this call: at most ``cfg.block_m`` rows, E8M0 scales per 32, K a
+    multiple of 8 (code rows read as 32-bit words), a Hopper (or newer) GPU."""
+    return (m <= cfg.block_m and k % 8 == 0 and blk == 32 and not e4m3 and device.type == "cuda"
+            and not _interpreting() and quant_linear_gluon.available(device))
 
 
 def _wgmma_fits(k: int, blk: int, e4m3: bool, device: torch.device) -> bool:
@@ -487,10 +504,10 @@ def _wgmma_fits(k: int, blk: int, e4m3: bool, device: torch.device) -> bool:
 
 def _candidates(m: int, k: int, blk: int, e4m3: bool, device: torch.device) -> list[TileConfig]:
     pool = CONFIGS_SMALL_M if m <= 16 else CONFIGS_MEDIUM_M if m <= 256 else CONFIGS_LARGE_M
-    gluon_ok = _gluon_fits(m, blk, e4m3, device)
     wgmma_ok = _wgmma_fits(k, blk, e4m3, device)
+    bucket = _m_bucket(m)  # the tuned choice must serve every batch of the bucket
     return [c for c in pool if c.block_k % blk == 0 and c.block_k <= max(64, triton.next_power_of_2(k))
-            and (gluon_ok or not c.gluon) and (wgmma_ok or not c.wgmma)]
+            and (not c.gluon or _gluon_fits(c, bucket, k, blk, e4m3, device)) and (wgmma_ok or not c.wgmma)]
 
 
 def tuned_config(key: tuple) -> TileConfig | None:
@@ -553,9 +570,10 @@ def quant_linear(
             config = _TUNED.get(key)
             if config is None:
                 config = _tune(key, x, codes, scales, gscale, bias, K, block, e4m3)
-    if config.gluon and not _gluon_fits(M, block, e4m3, x.device):
-        raise ValueError(f"quant_linear kernel: the Gluon configuration needs a Hopper (sm_90+) GPU, at most 16 "
-                         f"rows and MX scales per 32, got M={M}, block {block}, e4m3={e4m3} on {x.device}")
+    if config.gluon and not _gluon_fits(config, M, K, block, e4m3, x.device):
+        raise ValueError(f"quant_linear kernel: the Gluon configuration needs a Hopper (sm_90+) GPU, at most "
+                         f"block_m={config.block_m} rows, K a multiple of 8 and MX scales per 32, got M={M}, K={K}, "
+                         f"block {block}, e4m3={e4m3} on {x.device}")
     if config.wgmma and not _wgmma_fits(K, block, e4m3, x.device):
         raise ValueError(f"quant_linear kernel: the wgmma configuration needs a Hopper (sm_90+) GPU, MX scales per "
                          f"32 and K a multiple of 8, got K={K}, block {block}, e4m3={e4m3} on {x.device}")
@@ -567,7 +585,9 @@ def _time_cold(fn, reps: int = 15) -> float:
     """Median GPU time (ms) of ``fn`` with the L2 cache holding none of its data, as when a model's layers take
     turns: before each call a buffer twice the L2 size is *read* (``triton.testing.do_bench`` writes one, which
     leaves the L2 full of dirty lines whose write-back then competes with the timed kernel's reads, penalising
-    the kernels that read fastest)."""
+    the kernels that read fastest). A GPU sleep after the flush lets the host queue the timed call before its
+    start event: otherwise the event interval also holds the call's host time, a few microseconds that hid
+    the differences between 7.5 and 11.5 us kernels on an H100 (docs/benchmarks.md)."""
     dev = torch.cuda.current_device()
     flush = _FLUSH.get(dev)
     if flush is None:
@@ -576,8 +596,9 @@ def _time_cold(fn, reps: int = 15) -> float:
     fn()  # warm up (compile, first-launch preparation)
     times = []
     for _ in range(reps):
-        flush.max()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        flush.max()
+        torch.cuda._sleep(_SLEEP_CYCLES)
         start.record()
         fn()
         end.record()
