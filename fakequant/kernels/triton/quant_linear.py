@@ -355,6 +355,7 @@ CONFIGS_SMALL_M = [
     T(8, 16, 2048, 1, 8, 1, gluon=True, k_warps=8),
     T(8, 32, 1024, 1, 16, 1, gluon=True, k_warps=8),
     T(8, 16, 4096, 1, 8, 1, gluon=True, k_warps=8),
+    T(16, 32, 4096, 1, 8, 1, gluon=True, k_warps=8),
     T(16, 32, 2048, 1, 8, 1, gluon=True, k_warps=8),
     T(16, 32, 1024, 1, 8, 1, gluon=True, k_warps=8),
     T(16, 32, 1024, 2, 4, 1, gluon=True, k_warps=4),
