@@ -424,6 +424,27 @@ def test_gluon_tile_configurations_name_valid_program_shapes():
             qlg.SmallMShape.from_tile(*bad)
 
 
+def test_tuner_offers_only_gluon_configurations_that_serve_the_whole_batch_bucket(monkeypatch):
+    """A configuration tuned for a batch bucket is reused for every batch in it, so a Gluon candidate must serve
+    the bucket's largest batch (block_m 8 only for buckets up to 8), and needs K a multiple of 8. Checked on the
+    CPU with the device test stubbed to say "Hopper"."""
+    pytest.importorskip("triton")
+    from fakequant.kernels.triton import quant_linear as qlk
+
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(qlk.quant_linear_gluon, "available", lambda device=None: True)
+    monkeypatch.setattr(qlk.quant_linear_wgmma, "available", lambda device=None: True)
+    cuda = torch.device("cuda")
+    assert [qlk._m_bucket(m) for m in (1, 2, 4, 5, 8, 9, 16, 17, 300)] == [1, 4, 4, 8, 8, 16, 16, 64, 4096]
+    for m in (1, 3, 6, 8, 9, 16):
+        gluon = [c for c in qlk._candidates(m, 4096, 32, False, cuda) if c.gluon]
+        assert gluon and all(c.block_m >= qlk._m_bucket(m) for c in gluon), (m, gluon)
+        assert any(c.block_m == 8 for c in gluon) == (m <= 8)
+    assert not [c for c in qlk._candidates(4, 4100, 32, False, cuda) if c.gluon]  # K not a multiple of 8
+    assert not [c for c in qlk._candidates(4, 4096, 16, True, cuda) if c.gluon]  # NVFP4 scales
+    assert not [c for c in qlk._candidates(4, 4096, 32, False, torch.device("cpu")) if c.gluon]
+
+
 @pytest.mark.parametrize("shape", [(8, 128, 256, 5), (8, 128, 128, 3)])
 def test_wgmma_kernel_compiles_for_hopper_with_asynchronous_mmas(shape):
     """The large-batch wgmma kernel compiled ahead of time for sm_90 (no GPU needed): per K tile one group of
