@@ -416,9 +416,10 @@ def test_gluon_tile_configurations_name_valid_program_shapes():
     from fakequant.kernels.triton import quant_linear_gluon as qlg
 
     for cfg in (c for c in qlk.ALL_CONFIGS if c.gluon):
-        shape = qlg.SmallMShape.from_tile(cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.k_warps)
+        shape = qlk._small_m_shape(cfg)  # what the launcher uses, validated once per configuration
         assert (shape.rows, shape.block_k, shape.num_warps, shape.block_m) == (cfg.block_n, cfg.block_k,
                                                                                 cfg.num_warps, cfg.block_m)
+        assert qlk._small_m_shape(cfg) is shape
     for bad in [(8, 24, 1024, 8, 8), (8, 16, 1000, 8, 8), (12, 16, 1024, 8, 8), (8, 16, 1024, 8, 3)]:
         with pytest.raises(ValueError, match="no Gluon program shape"):
             qlg.SmallMShape.from_tile(*bad)

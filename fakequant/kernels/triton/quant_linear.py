@@ -25,6 +25,7 @@ Public: ``quant_linear`` (the launcher), ``dequantize``, ``TileConfig``, ``CONFI
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import NamedTuple
 
@@ -443,6 +444,13 @@ def dequantize(codes: torch.Tensor, scales: torch.Tensor, *, k: int, block: int,
     return w
 
 
+@functools.lru_cache(maxsize=None)
+def _small_m_shape(cfg: TileConfig) -> quant_linear_gluon.SmallMShape:
+    """The Gluon program shape of ``cfg``, validated once per configuration (a decode step launches each layer's
+    configuration again and again; the check costs about a microsecond of host time)."""
+    return quant_linear_gluon.SmallMShape.from_tile(cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps, cfg.k_warps)
+
+
 def _launch(cfg: TileConfig, x, codes, scales, gscale, bias, K, blk, e4m3, out_dtype, big_scales=True) -> torch.Tensor:
     M, N = x.shape[0], codes.shape[0]
     if cfg.gluon:
@@ -450,9 +458,7 @@ def _launch(cfg: TileConfig, x, codes, scales, gscale, bias, K, blk, e4m3, out_d
         ws = _scratch(("ws", x.device, M, N), (M, N), torch.float32, x.device)
         cnt = _scratch(("cnt", x.device, triton.cdiv(N, cfg.block_n)), (triton.cdiv(N, cfg.block_n),), torch.int32,
                        x.device)
-        shape = quant_linear_gluon.SmallMShape.from_tile(cfg.block_m, cfg.block_n, cfg.block_k, cfg.num_warps,
-                                                         cfg.k_warps)
-        return quant_linear_gluon.quant_linear_small_m(x, codes, scales, bias, y, ws, cnt, shape=shape,
+        return quant_linear_gluon.quant_linear_small_m(x, codes, scales, bias, y, ws, cnt, shape=_small_m_shape(cfg),
                                                        split_k=cfg.split_k, big_scales=big_scales)
     if cfg.wgmma:
         y = torch.empty((M, N), device=x.device, dtype=out_dtype)
