@@ -21,8 +21,7 @@ run on the same activations:
 "fused" is the fastest fused-kernel configuration the tuner measured (with MX weights on Hopper, usually the
 Gluon kernel of ``quant_linear_gluon`` at batch <= 16 and that of ``quant_linear_wgmma`` at batch 4096);
 "auto" is what ``QuantLinear`` runs, the tuner's overall choice, which at large batches may be the
-dequantize-then-cuBLAS path. Calls pass the largest scale byte, as
-``QuantLinear`` does.
+dequantize-then-cuBLAS path. Calls pass the largest scale byte, as ``QuantLinear`` does.
 
 Prints the GPU name, torch / triton / CUDA versions, and a table with times, ratio (F.linear time / fused time),
 achieved TFLOP/s and weight GB/s, the tuned configuration and the relative error.

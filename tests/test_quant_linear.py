@@ -434,7 +434,6 @@ def test_tuner_offers_only_gluon_configurations_that_serve_the_whole_batch_bucke
 
     monkeypatch.setenv("TRITON_INTERPRET", "0")
     monkeypatch.setattr(qlk.quant_linear_gluon, "available", lambda device=None: True)
-    monkeypatch.setattr(qlk.quant_linear_wgmma, "available", lambda device=None: True)
     cuda = torch.device("cuda")
     assert [qlk._m_bucket(m) for m in (1, 2, 4, 5, 8, 9, 16, 17, 300)] == [1, 4, 4, 8, 8, 16, 16, 64, 4096]
     for m in (1, 3, 6, 8, 9, 16):

@@ -456,8 +456,8 @@ def _launch(cfg: TileConfig, x, codes, scales, gscale, bias, K, blk, e4m3, out_d
     if cfg.gluon:
         y = torch.empty((M, N), device=x.device, dtype=out_dtype)
         ws = _scratch(("ws", x.device, M, N), (M, N), torch.float32, x.device)
-        cnt = _scratch(("cnt", x.device, triton.cdiv(N, cfg.block_n)), (triton.cdiv(N, cfg.block_n),), torch.int32,
-                       x.device)
+        programs = triton.cdiv(N, cfg.block_n)
+        cnt = _scratch(("cnt", x.device, programs), (programs,), torch.int32, x.device)
         return quant_linear_gluon.quant_linear_small_m(x, codes, scales, bias, y, ws, cnt, shape=_small_m_shape(cfg),
                                                        split_k=cfg.split_k, big_scales=big_scales)
     if cfg.wgmma:
@@ -495,18 +495,17 @@ def _launch(cfg: TileConfig, x, codes, scales, gscale, bias, K, blk, e4m3, out_d
     return y
 
 
-def _gluon_fits(cfg: TileConfig, m: int, k: int, blk: int, e4m3: bool, device: torch.device) -> bool:
-    """The Gluon configuration ``cfg`` can run this call: at most ``cfg.block_m`` rows, E8M0 scales per 32, K a
-    multiple of 8 (code rows read as 32-bit words), a Hopper (or newer) GPU."""
-    return (m <= cfg.block_m and k % 8 == 0 and blk == 32 and not e4m3 and device.type == "cuda"
-            and not _interpreting() and quant_linear_gluon.available(device))
-
-
 def _wgmma_fits(k: int, blk: int, e4m3: bool, device: torch.device) -> bool:
-    """The wgmma kernel can run this call: E8M0 scales per 32, K a multiple of 8 (code rows read as 32-bit words),
-    a Hopper (or newer) GPU."""
+    """Both Gluon kernels can run this call: E8M0 scales per 32, K a multiple of 8 (code rows read as 32-bit
+    words), a Hopper (or newer) GPU."""
     return (k % 8 == 0 and blk == 32 and not e4m3 and device.type == "cuda" and not _interpreting()
-            and quant_linear_wgmma.available(device))
+            and quant_linear_gluon.available(device))
+
+
+def _gluon_fits(cfg: TileConfig, m: int, k: int, blk: int, e4m3: bool, device: torch.device) -> bool:
+    """The Gluon batch <= 16 configuration ``cfg`` can run this call: at most ``cfg.block_m`` rows, and what
+    ``_wgmma_fits`` asks."""
+    return m <= cfg.block_m and _wgmma_fits(k, blk, e4m3, device)
 
 
 def _candidates(m: int, k: int, blk: int, e4m3: bool, device: torch.device) -> list[TileConfig]:
@@ -569,6 +568,7 @@ def quant_linear(
     gscale = None if tensor_scale is None else tensor_scale.reshape(1).to(torch.float32).contiguous()
     if M == 0:
         return torch.empty((0, N), device=x.device, dtype=x.dtype)
+    # A tuned configuration serves its whole bucket by construction (``_candidates``); a forced one is checked.
     if config is None:
         if _interpreting() or x.device.type != "cuda":
             config = _INTERPRET_CONFIG
@@ -577,11 +577,11 @@ def quant_linear(
             config = _TUNED.get(key)
             if config is None:
                 config = _tune(key, x, codes, scales, gscale, bias, K, block, e4m3)
-    if config.gluon and not _gluon_fits(config, M, K, block, e4m3, x.device):
+    elif config.gluon and not _gluon_fits(config, M, K, block, e4m3, x.device):
         raise ValueError(f"quant_linear kernel: the Gluon configuration needs a Hopper (sm_90+) GPU, at most "
                          f"block_m={config.block_m} rows, K a multiple of 8 and MX scales per 32, got M={M}, K={K}, "
                          f"block {block}, e4m3={e4m3} on {x.device}")
-    if config.wgmma and not _wgmma_fits(K, block, e4m3, x.device):
+    elif config.wgmma and not _wgmma_fits(K, block, e4m3, x.device):
         raise ValueError(f"quant_linear kernel: the wgmma configuration needs a Hopper (sm_90+) GPU, MX scales per "
                          f"32 and K a multiple of 8, got K={K}, block {block}, e4m3={e4m3} on {x.device}")
     big = max_scale_byte is None or max_scale_byte > 128

@@ -32,7 +32,7 @@ import torch
 import triton
 
 from ._launch import launch
-from .quant_linear_gluon import available, gl, gluon
+from .quant_linear_gluon import _bases, available, gl, gluon
 
 if gluon is not None:
     from triton.experimental.gluon.language.nvidia.ampere import async_copy
@@ -143,11 +143,6 @@ if gluon is not None:
         gl.store(y_ptr + offs_m * stride_ym + offs_n, out, mask=(offs_n < N) & (offs_m < M))
 
 
-def _bases(dims: int, axis: int, first: int, count: int) -> list[list[int]]:
-    """``count`` linear-layout bases along ``axis`` of a ``dims``-d tensor: first, 2·first, 4·first, ..."""
-    return [[(first << i) if d == axis else 0 for d in range(dims)] for i in range(count)]
-
-
 def layouts(num_warps: int, rows: int, block_m: int) -> dict:
     """The layouts of ``_large_m_kernel`` for ``num_warps`` warps (4 per warpgroup), ``rows`` weight rows and
     ``block_m`` activation rows per program."""
@@ -155,8 +150,8 @@ def layouts(num_warps: int, rows: int, block_m: int) -> dict:
     reps = (rows // (16 * num_warps)).bit_length() - 1  # row repeats per thread beyond the first
     # Code words: 4 per thread (16 bytes, one scale block), two threads per row of a K tile.
     codes = gl.DistributedLinearLayout(
-        reg_bases=_bases(3, 2, 1, 2) + _bases(3, 0, 16 * num_warps, reps),
-        lane_bases=[[0, 1, 0]] + _bases(3, 0, 1, 4), warp_bases=_bases(3, 0, 16, warp_bits), block_bases=[],
+        reg_bases=_bases(1, 2, 2) + _bases(16 * num_warps, reps, 0),
+        lane_bases=[[0, 1, 0]] + _bases(1, 4, 0), warp_bases=_bases(16, warp_bits, 0), block_bases=[],
         shape=[rows, 2, 4])
     acts = gl.BlockedLayout([1, 8], [4, 8], [num_warps, 1], [1, 0])
     acc = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1], instr_shape=[16, block_m, 16])
