@@ -495,25 +495,19 @@ def _launch(cfg: TileConfig, x, codes, scales, gscale, bias, K, blk, e4m3, out_d
     return y
 
 
-def _wgmma_fits(k: int, blk: int, e4m3: bool, device: torch.device) -> bool:
+def _hopper_mx_fits(k: int, blk: int, e4m3: bool, device: torch.device) -> bool:
     """Both Gluon kernels can run this call: E8M0 scales per 32, K a multiple of 8 (code rows read as 32-bit
     words), a Hopper (or newer) GPU."""
     return (k % 8 == 0 and blk == 32 and not e4m3 and device.type == "cuda" and not _interpreting()
             and quant_linear_gluon.available(device))
 
 
-def _gluon_fits(cfg: TileConfig, m: int, k: int, blk: int, e4m3: bool, device: torch.device) -> bool:
-    """The Gluon batch <= 16 configuration ``cfg`` can run this call: at most ``cfg.block_m`` rows, and what
-    ``_wgmma_fits`` asks."""
-    return m <= cfg.block_m and _wgmma_fits(k, blk, e4m3, device)
-
-
 def _candidates(m: int, k: int, blk: int, e4m3: bool, device: torch.device) -> list[TileConfig]:
     pool = CONFIGS_SMALL_M if m <= 16 else CONFIGS_MEDIUM_M if m <= 256 else CONFIGS_LARGE_M
-    wgmma_ok = _wgmma_fits(k, blk, e4m3, device)
-    bucket = _m_bucket(m)  # the tuned choice must serve every batch of the bucket
+    gluon_ok = _hopper_mx_fits(k, blk, e4m3, device)
+    bucket = _m_bucket(m)  # the tuned choice must serve every batch of the bucket (a Gluon one: up to block_m)
     return [c for c in pool if c.block_k % blk == 0 and c.block_k <= max(64, triton.next_power_of_2(k))
-            and (not c.gluon or _gluon_fits(c, bucket, k, blk, e4m3, device)) and (wgmma_ok or not c.wgmma)]
+            and (gluon_ok or not (c.gluon or c.wgmma)) and (not c.gluon or c.block_m >= bucket)]
 
 
 def tuned_config(key: tuple) -> TileConfig | None:
@@ -577,11 +571,11 @@ def quant_linear(
             config = _TUNED.get(key)
             if config is None:
                 config = _tune(key, x, codes, scales, gscale, bias, K, block, e4m3)
-    elif config.gluon and not _gluon_fits(config, M, K, block, e4m3, x.device):
+    elif config.gluon and not (M <= config.block_m and _hopper_mx_fits(K, block, e4m3, x.device)):
         raise ValueError(f"quant_linear kernel: the Gluon configuration needs a Hopper (sm_90+) GPU, at most "
                          f"block_m={config.block_m} rows, K a multiple of 8 and MX scales per 32, got M={M}, K={K}, "
                          f"block {block}, e4m3={e4m3} on {x.device}")
-    elif config.wgmma and not _wgmma_fits(K, block, e4m3, x.device):
+    elif config.wgmma and not _hopper_mx_fits(K, block, e4m3, x.device):
         raise ValueError(f"quant_linear kernel: the wgmma configuration needs a Hopper (sm_90+) GPU, MX scales per "
                          f"32 and K a multiple of 8, got K={K}, block {block}, e4m3={e4m3} on {x.device}")
     big = max_scale_byte is None or max_scale_byte > 128
